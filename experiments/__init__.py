@@ -1,0 +1,1 @@
+"""Training scripts, tasks, data pipelines and benchmarks built on ops, models and optim."""

@@ -1,0 +1,93 @@
+"""Orbax checkpoints of the train state plus the data iterator's position.
+
+Orbax writes each step to a temporary folder and renames it when complete, so a run killed
+mid-save keeps its previous checkpoints intact and resumes from the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+CONFIG_FILE = "config.json"
+# Config sections whose change makes saved state unusable (shapes or optimizer-state layout).
+STATE_DEFINING = ("model", "optim.name", "optim.rank")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def check_compatible(workdir: str, config: dict) -> None:
+    """Raises ValueError if ``workdir`` holds a run whose state-defining config differs."""
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        saved = _flatten(json.load(f))
+    current = _flatten(config)
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        if any(key == p or key.startswith(p + ".") for p in STATE_DEFINING) and saved.get(key) != current.get(key):
+            diffs.append(f"{key}: checkpoint has {saved.get(key)!r}, config has {current.get(key)!r}")
+    if diffs:
+        raise ValueError(
+            f"workdir {workdir!r} holds checkpoints from an incompatible config:\n  " + "\n  ".join(diffs)
+            + "\nUse a new --workdir, or the same settings to resume.")
+
+
+def write_config(workdir: str, config: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints of ``(state, data position)`` under ``workdir/checkpoints``."""
+
+    def __init__(self, workdir: str, keep: int = 3):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_position: dict[str, int]) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+
+    def restore(self, step: int, abstract_state):
+        """Restores ``(state, data_position)``; ``abstract_state`` gives structure, shapes, shardings."""
+        try:
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} does not match the current model/optimizer "
+                f"state ({type(e).__name__}: {str(e)[:500]}). Use a new --workdir, or the config it was "
+                "saved with.") from e
+        return restored.state, restored.data
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(state):
+    """ShapeDtypeStructs (with shardings) describing ``state``, for restoring into."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)

@@ -1,0 +1,56 @@
+"""Default job: a small LLLS hybrid byte-level language model on the embedded Shakespeare texts.
+
+Sized to finish on 2 CPU cores in about five minutes. Override anything from the command line,
+e.g. ``--config.train.steps=3000 --config.model.pattern=LS --config.data.path=~/my_texts``.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.path = "shakespeare"      # the embedded default, or a file, folder or glob of text
+    c.data.val_fraction = 0.05       # tail of every document held out for validation
+    c.data.seq_len = 128
+    c.data.batch_size = 32
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 256
+    c.model.d_model = 128
+    c.model.num_layers = 4
+    c.model.pattern = "LLLS"         # L: linear attention, S: softmax attention
+    c.model.num_heads = 4
+    c.model.feature_map = "elu+1"
+    c.model.chunk_size = 64
+    c.model.tie_embeddings = False
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.learning_rate = 3e-3
+    c.optim.warmup_steps = 100
+    c.optim.min_lr_ratio = 0.1       # cosine decay ends at this fraction of the peak
+    c.optim.weight_decay = 0.1
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.95
+    c.optim.grad_clip = 1.0
+    c.optim.rank = 32                # low-rank optimizers only
+    c.optim.update_proj_gap = 200    # low-rank optimizers only
+    c.optim.scale = -1.0             # low-rank optimizers only; < 0 keeps each method's default
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1200
+    c.train.log_every = 25
+    c.train.eval_every = 300
+    c.train.eval_batches = 8
+    c.train.checkpoint_every = 300
+    c.train.keep_checkpoints = 3
+    c.train.sample_tokens = 300
+    c.train.sample_prompt = "ROMEO:\n"
+    c.train.sample_temperature = 0.8
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                 # devices on the data axis; -1 = all
+    return c

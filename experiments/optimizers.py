@@ -1,0 +1,37 @@
+"""Builds the optax transformation of a training config: schedule, clipping and the optimizer."""
+
+from __future__ import annotations
+
+import inspect
+
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of it."""
+    warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if cfg.name == "adamw":
+        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+    import optim  # noqa: PLC0415  (optional heavy import only for the low-rank methods)
+
+    factory = optim.factory(cfg.name)
+    accepted = inspect.signature(factory).parameters
+    kwargs = {k: cfg[k] for k in ("b1", "b2", "weight_decay", "rank", "update_proj_gap") if k in accepted}
+    if cfg.scale >= 0 and "scale" in accepted:
+        kwargs["scale"] = cfg.scale
+    return factory(schedule, **kwargs)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    schedule = learning_rate_schedule(cfg, total_steps)
+    tx = _optimizer(cfg, schedule)
+    if cfg.grad_clip > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    return tx

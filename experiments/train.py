@@ -1,0 +1,45 @@
+r"""Train a byte-level language model.
+
+    python -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=runs/NAME \
+        [--config.train.steps=3000 --config.model.pattern=LS --config.data.path=my_texts/ ...]
+
+Rerunning with the same ``--workdir`` resumes from its newest checkpoint.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from experiments.trainer import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder: checkpoints, metrics.jsonl, loss.png.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep orbax's per-save logs out of the progress bar
+    summary = train(_CONFIG.value, _WORKDIR.value)
+    print(f"final: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
+          f"bits per byte {summary['val_bpb']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error (not a traceback) for a bad ``--config.*`` key."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        detail = str(e.args[0] if e.args else e)
+        detail = " ".join(detail.replace("\\n", " ").replace("\\'", "").replace("'", "").split())
+        sys.exit(f"error: unknown config key in a --config override: {detail}")
+    except flags.Error as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,81 @@
+"""The pure training step: ``step(state, batch) -> (state, metrics)`` on NNX-split parameters.
+
+The model's graph definition stays outside the state; the step merges it with the parameters
+inside ``jax.jit``, so the state is a plain pytree that jit can donate and orbax can save.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from models import LanguageModel, ModelConfig
+
+
+class TrainState(NamedTuple):
+    params: nnx.State       # the model's nnx.Param variables
+    opt_state: Any          # the optax state of ``tx``
+    step: jax.Array         # int32 scalar
+    rng: jax.Array          # uint32 key data for anything stochastic in the step
+
+
+def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, nnx.State]:
+    model = LanguageModel(cfg, nnx.Rngs(seed))
+    return nnx.split(model, nnx.Param)
+
+
+def init_state(cfg: ModelConfig, tx: optax.GradientTransformation, seed: int) -> tuple[nnx.GraphDef, TrainState]:
+    graphdef, params = init_model(cfg, seed)
+    state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(seed + 1)))
+    return graphdef, state
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats; ``logits [B, T, V]`` float32, ``targets [B, T]``."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, donate: bool = True):
+    """Returns the jitted ``step(state, batch) -> (state, metrics)`` with the state donated."""
+
+    def loss_fn(params, batch):
+        model = nnx.merge(graphdef, params)
+        return cross_entropy(model(batch["inputs"]), batch["targets"])
+
+    def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return TrainState(params, opt_state, state.step + 1, new_rng), metrics
+
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(graphdef: nnx.GraphDef):
+    """Returns a jitted ``eval_step(params, batch) -> summed loss (nats)`` over all tokens."""
+
+    @jax.jit
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params)
+        return cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["targets"].size
+
+    return eval_step
+
+
+def evaluate(eval_step, params, batches) -> dict[str, float]:
+    """Validation loss (nats per byte) and bits per byte over fixed batches."""
+    total, count = 0.0, 0
+    for batch in batches:
+        total += float(eval_step(params, batch))
+        count += batch["targets"].size
+    loss = total / count
+    return {"loss": loss, "bpb": loss / math.log(2)}

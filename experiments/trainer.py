@@ -1,0 +1,158 @@
+"""The language-model training loop behind ``python -m experiments.train``.
+
+``train(config, workdir)`` builds the data, model, optimizer and mesh from an ml_collections
+config, resumes from the newest checkpoint in ``workdir`` if there is one, trains with a progress
+bar, evaluates, checkpoints, logs ``metrics.jsonl``, plots ``loss.png`` and prints a sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
+from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_corpus
+from experiments.metrics import MetricsWriter, plot_loss
+from experiments.optimizers import make_optimizer
+from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
+from models import ModelConfig, count_params, generate
+
+
+def data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh:
+    """A 1-D ``data`` mesh over the first ``num_devices`` devices (all for -1)."""
+    available = jax.device_count()
+    n = available if num_devices == -1 else num_devices
+    if not 1 <= n <= available:
+        raise ValueError(f"mesh.data = {num_devices} devices requested, {available} available")
+    if batch_size % n:
+        raise ValueError(f"data.batch_size = {batch_size} must be divisible by the {n} devices of the "
+                         "data axis (set --config.mesh.data to a divisor)")
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag so the loop can checkpoint before exiting."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:  # second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for s in previous:
+                signal.signal(s, self)
+        except ValueError:  # not in the main thread: leave handlers alone
+            previous = {}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True) -> dict:
+    """Trains (or resumes) the run in ``workdir``; returns a summary of the final metrics."""
+    config_dict = config.to_dict()
+    check_compatible(workdir, config_dict)
+    model_cfg = ModelConfig.from_dict(config.model)
+    d, t = config.data, config.train
+
+    corpus = load_corpus(d.path, d.val_fraction)
+    logging.info("corpus: %s", corpus.describe())
+    batches = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed)
+    val_batches = eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches)
+
+    tx = make_optimizer(config.optim, t.steps)
+    graphdef, state = init_state(model_cfg, tx, config.seed)
+    mesh = data_mesh(config.mesh.data, d.batch_size)
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P("data"))
+    state = jax.device_put(state, replicated)
+
+    checkpointer = Checkpointer(workdir, t.keep_checkpoints)
+    start = checkpointer.latest_step()
+    if start is not None:
+        state, position = checkpointer.restore(start, abstract_like(state))
+        batches.restore(position)
+        print(f"resumed from step {start} in {workdir}")
+    write_config(workdir, config_dict)
+    print(f"model: {count_params(nnx.merge(graphdef, state.params)):,} parameters, layers "
+          f"{''.join(model_cfg.pattern[i % len(model_cfg.pattern)] for i in range(model_cfg.num_layers))}; "
+          f"{jax.device_count()} device(s), data axis {mesh.shape['data']}; corpus {corpus.describe()}")
+
+    train_step = make_train_step(graphdef, tx)
+    eval_step = make_eval_step(graphdef)
+    writer = MetricsWriter(workdir)
+    tokens_per_step = d.batch_size * d.seq_len
+    step = int(state.step)
+    last = {"val_loss": math.nan, "val_bpb": math.nan, "train_loss": math.nan, "tokens_per_s": math.nan}
+    stop = _StopRequest()
+    bar = tqdm(total=t.steps, initial=step, disable=not show_progress, dynamic_ncols=True, unit="step")
+    try:
+        with stop.installed():
+            window_start, window_steps = time.perf_counter(), 0
+            while step < t.steps and not stop.requested:
+                batch = jax.device_put(next(batches), batch_sharding)
+                state, metrics = train_step(state, batch)
+                step += 1
+                window_steps += 1
+                bar.update(1)
+                if step % t.log_every == 0 or step == t.steps:
+                    loss = float(metrics["loss"])  # waits for the step: timing below is honest
+                    elapsed = time.perf_counter() - window_start
+                    last["train_loss"] = loss
+                    last["tokens_per_s"] = window_steps * tokens_per_step / elapsed
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+                    writer.write({"step": step, "split": "train", "loss": loss,
+                                  "grad_norm": float(metrics["grad_norm"]),
+                                  "tokens_per_s": last["tokens_per_s"], "time": time.time()})
+                    window_start, window_steps = time.perf_counter(), 0
+                if step % t.eval_every == 0 or step == t.steps:
+                    result = evaluate(eval_step, state.params, val_batches)
+                    last["val_loss"], last["val_bpb"] = result["loss"], result["bpb"]
+                    writer.write({"step": step, "split": "val", **result, "time": time.time()})
+                    bar.write(f"step {step}: validation loss {result['loss']:.4f}, "
+                              f"bits per byte {result['bpb']:.4f}")
+                    window_start = time.perf_counter()
+                if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
+                    checkpointer.save(step, state, batches.position())
+            if stop.requested:
+                bar.write(f"stopped at step {step}; checkpoint saved, rerun with the same workdir to resume")
+    finally:
+        bar.close()
+        checkpointer.close()
+
+    plot_loss(writer.path, f"{workdir}/loss.png")
+    summary = {"step": step, **last}
+    if step >= t.steps and t.sample_tokens > 0:
+        summary["sample"] = sample_text(graphdef, state.params, t, d.seq_len, config.seed)
+        print(f"--- sample ({t.sample_tokens} bytes, temperature {t.sample_temperature}) ---")
+        print(t.sample_prompt + summary["sample"])
+        print("---")
+    return summary
+
+
+def sample_text(graphdef, params, t: ml_collections.ConfigDict, window: int, seed: int) -> str:
+    tokenizer = ByteTokenizer()
+    prompt = tokenizer.encode(t.sample_prompt)[None].astype(np.int32)
+    model = nnx.merge(graphdef, jax.device_get(params))
+    tokens = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                      rng=jax.random.key(seed), window=window)
+    return tokenizer.decode(np.asarray(tokens[0]))
