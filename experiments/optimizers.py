@@ -21,7 +21,9 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
         return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
     import optim  # noqa: PLC0415  (optional heavy import only for the low-rank methods)
 
-    factory = optim.factory(cfg.name)
+    if cfg.name not in optim.OPTIMIZERS:
+        raise ValueError(f"optim.name = {cfg.name!r} is unknown; expected one of {sorted(optim.OPTIMIZERS)}")
+    factory = optim.OPTIMIZERS[cfg.name]
     accepted = inspect.signature(factory).parameters
     kwargs = {k: cfg[k] for k in ("b1", "b2", "weight_decay", "rank", "update_proj_gap") if k in accepted}
     if cfg.scale >= 0 and "scale" in accepted:
