@@ -1,0 +1,101 @@
+"""Train a language model from the model zoo on a synthetic task and measure its accuracy.
+
+The tasks share one loss: cross-entropy on the positions whose label is not ``IGNORE``, and one
+metric: accuracy over those positions. ``train_on_task`` is what the task scripts sweep over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from experiments.tasks.common import IGNORE
+from models import LanguageModel, ModelConfig
+
+Batch = dict[str, np.ndarray]
+
+
+def masked_loss_and_accuracy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns ``(mean loss, correct count, counted positions)`` over labels != IGNORE."""
+    mask = labels != IGNORE
+    safe = jnp.where(mask, labels, 0)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    count = jnp.maximum(mask.sum(), 1)
+    loss = jnp.sum(jnp.where(mask, nll, 0.0)) / count
+    correct = jnp.sum(mask & (jnp.argmax(logits, axis=-1) == safe))
+    return loss, correct, mask.sum()
+
+
+@dataclasses.dataclass
+class TaskResult:
+    train_loss: float
+    steps: int
+    seconds: float
+    accuracy: dict[str, float]
+    num_params: int
+
+
+def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], eval_sets: dict[str, Batch], *,
+                  steps: int, learning_rate: float = 1e-3, weight_decay: float = 0.1, warmup: int = 50,
+                  seed: int = 0, eval_batch_size: int = 64, stop_accuracy: float | None = None,
+                  eval_every: int = 0, log: Callable[[str], None] | None = None) -> TaskResult:
+    """Trains on ``sample_batch(step)`` for ``steps`` steps; returns accuracy on every eval set.
+
+    ``stop_accuracy`` stops early once the first eval set reaches it (checked every
+    ``eval_every`` steps), as Zoology does at 0.99.
+    """
+    model = LanguageModel(model_cfg, nnx.Rngs(seed))
+    graphdef, params = nnx.split(model, nnx.Param)
+    num_params = sum(int(x.size) for x in jax.tree.leaves(params))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps // 2), steps, 0.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
+    opt_state = tx.init(params)
+
+    def loss_fn(p, batch):
+        logits = nnx.merge(graphdef, p)(batch["inputs"])
+        loss, correct, count = masked_loss_and_accuracy(logits, batch["labels"])
+        return loss, (correct, count)
+
+    @jax.jit
+    def step(p, o, batch):
+        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        updates, o = tx.update(grads, o, p)
+        return optax.apply_updates(p, updates), o, loss
+
+    @jax.jit
+    def eval_step(p, batch):
+        return loss_fn(p, batch)[1]
+
+    def accuracy(p, data: Batch) -> float:
+        correct = total = 0
+        for i in range(0, len(data["inputs"]), eval_batch_size):
+            chunk = {k: jnp.asarray(data[k][i:i + eval_batch_size]) for k in ("inputs", "labels")}
+            c, n = eval_step(p, chunk)
+            correct, total = correct + int(c), total + int(n)
+        return correct / max(total, 1)
+
+    start, loss, done = time.perf_counter(), float("nan"), 0
+    first_eval = next(iter(eval_sets))
+    for i in range(steps):
+        batch = sample_batch(i)
+        params, opt_state, loss_value = step(params, opt_state, {k: jnp.asarray(batch[k]) for k in ("inputs", "labels")})
+        done = i + 1
+        if eval_every and done % eval_every == 0:
+            loss = float(loss_value)
+            acc = accuracy(params, eval_sets[first_eval])
+            if log:
+                log(f"  step {done}: loss {loss:.4f}, {first_eval} accuracy {acc:.3f}")
+            if stop_accuracy is not None and acc >= stop_accuracy:
+                break
+    loss = float(loss_value)
+    results = {name: accuracy(params, data) for name, data in eval_sets.items()}
+    return TaskResult(train_loss=loss, steps=done, seconds=time.perf_counter() - start, accuracy=results,
+                      num_params=num_params)

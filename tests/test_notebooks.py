@@ -1,0 +1,23 @@
+"""Every notebook runs top to bottom (code cells executed in order in one namespace)."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs_top_to_bottom(path, monkeypatch):
+    monkeypatch.setenv("LOLAX_NOTEBOOK_STEPS", "5")
+    monkeypatch.chdir(path.parent)
+    cells = json.loads(path.read_text())["cells"]
+    namespace = {"__name__": "__main__"}
+    for i, cell in enumerate(cells):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        source = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("!", "%")))
+        exec(compile(source, f"{path.name}[cell {i}]", "exec"), namespace)
