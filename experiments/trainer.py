@@ -25,7 +25,13 @@ from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_co
 from experiments.metrics import MetricsWriter, plot_loss
 from experiments.optimizers import make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
+from experiments.configs.presets import apply_preset
 from models import ModelConfig, count_params, generate
+
+
+def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
+    """The config's model section with its ``preset`` (if any) expanded; flags beat the preset."""
+    return ModelConfig.from_dict(apply_preset(section.to_dict(), base=ModelConfig().to_dict()))
 
 
 def data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh:
@@ -71,7 +77,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     """Trains (or resumes) the run in ``workdir``; returns a summary of the final metrics."""
     config_dict = config.to_dict()
     check_compatible(workdir, config_dict)
-    model_cfg = ModelConfig.from_dict(config.model)
+    model_cfg = model_config(config.model)
     d, t = config.data, config.train
 
     corpus = load_corpus(d.path, d.val_fraction)
@@ -94,7 +100,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
         print(f"resumed from step {start} in {workdir}")
     write_config(workdir, config_dict)
     print(f"model: {count_params(nnx.merge(graphdef, state.params)):,} parameters, layers "
-          f"{''.join(model_cfg.pattern[i % len(model_cfg.pattern)] for i in range(model_cfg.num_layers))}; "
+          f"{','.join(model_cfg.layer_kinds)}; "
           f"{jax.device_count()} device(s), data axis {mesh.shape['data']}; corpus {corpus.describe()}")
 
     train_step = make_train_step(graphdef, tx)

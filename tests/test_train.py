@@ -18,7 +18,7 @@ from experiments.data import load_corpus
 from experiments.metrics import read_metrics
 from experiments.optimizers import make_optimizer
 from experiments.train_state import init_state, make_train_step
-from experiments.trainer import train
+from experiments.trainer import model_config, train
 from models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,8 @@ def overrides(c) -> list[str]:
     flat = []
     for section in ("data", "model", "optim", "train", "mesh"):
         for key, value in c[section].items():
-            flat.append(f"--config.{section}.{key}={value}")
+            if value is not None:
+                flat.append(f"--config.{section}.{key}={value}")
     return flat
 
 
@@ -105,7 +106,7 @@ def test_killed_run_resumes_with_the_uninterrupted_trajectory(text_file, tmp_pat
 def test_eight_device_data_parallel_step_equals_single_device(text_file):
     assert jax.device_count() == 8
     c = tiny_config(text_file)
-    cfg = ModelConfig.from_dict(c.model)
+    cfg = model_config(c.model)
     tx = make_optimizer(c.optim, 10)
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, 256, (8, 32), dtype=np.int32),
@@ -147,11 +148,25 @@ def _cli(args, tmp_path):
 def test_config_overrides_through_flags(text_file, tmp_path):
     c = tiny_config(text_file, steps=3)
     c.train.eval_every = 3
-    result = _cli([f"--workdir={tmp_path}", *overrides(c), "--config.model.pattern=SL"], tmp_path)
+    flags = [f for f in overrides(c) if not f.startswith("--config.model.pattern=")]
+    result = _cli([f"--workdir={tmp_path}", *flags, "--config.model.preset=retnet",
+                   "--config.model.pattern=RS"], tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["model"]["pattern"] == "SL" and saved["train"]["steps"] == 3
+    assert saved["model"]["pattern"] == "RS" and saved["train"]["steps"] == 3
+    assert "layers retnet,softmax;" in result.stdout     # the flag beats the preset's pattern "R"
     assert "final: step 3" in result.stdout
+
+
+def test_presets_expand_and_flags_win():
+    c = get_config()
+    c.model.preset = "gdn"
+    assert set(model_config(c.model).layer_kinds) == {"gated_deltanet"}
+    c.model.pattern = "ES"
+    assert model_config(c.model).layer_kinds == ("gated_deltanet", "softmax") * 2
+    c.model.preset = "nope"
+    with pytest.raises(ValueError, match="model.preset = 'nope' is not a preset"):
+        model_config(c.model)
 
 
 def test_unknown_config_key_is_a_clear_error(tmp_path):

@@ -4,7 +4,25 @@ Sized to finish on 2 CPU cores in about five minutes. Override anything from the
 e.g. ``--config.train.steps=3000 --config.model.pattern=LS --config.data.path=~/my_texts``.
 """
 
+import dataclasses
+
 import ml_collections
+from ml_collections import config_dict
+
+from models import ModelConfig
+
+
+def model_fields(**overrides) -> ml_collections.ConfigDict:
+    """All ModelConfig fields with their defaults (typed placeholders for None), then overrides."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(ModelConfig):
+        value = overrides.get(field.name, field.default)
+        if value is None:
+            kind = {"float": float}.get(str(field.type).split(" ")[0], int)
+            value = config_dict.placeholder(kind)
+        section[field.name] = value
+    section.preset = overrides.get("preset", "")
+    return section
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -17,15 +35,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 128
     c.data.batch_size = 32
 
-    c.model = ml_collections.ConfigDict()
-    c.model.vocab_size = 256
-    c.model.d_model = 128
-    c.model.num_layers = 4
-    c.model.pattern = "LLLS"         # L: linear attention, S: softmax attention
-    c.model.num_heads = 4
-    c.model.feature_map = "elu+1"
-    c.model.chunk_size = 64
-    c.model.tie_embeddings = False
+    # Every models.ModelConfig field is listed, so any of them can be set by flag; `preset`
+    # (experiments/configs/presets.py) switches the mixer family, e.g. --config.model.preset=gdn.
+    c.model = model_fields(
+        preset="",
+        vocab_size=256,
+        d_model=128,
+        num_layers=4,
+        pattern="LLLS",          # L linear attention, S softmax; see models/config.py for all letters
+        num_heads=4,
+        feature_map="elu+1",
+        chunk_size=64,
+        tie_embeddings=False,
+    )
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
