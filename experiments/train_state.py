@@ -47,14 +47,18 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, do
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
-        return cross_entropy(model(batch["inputs"]), batch["targets"])
+        logits, aux = model(batch["inputs"], return_aux=True)
+        loss = cross_entropy(logits, batch["targets"])
+        return loss + aux, (loss, aux)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch)
+        (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        # "loss" is the language-model cross-entropy; "aux_loss" (MoM load balancing, else 0) is
+        # added to it for the gradient.
+        metrics = {"loss": loss, "aux_loss": aux, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1, new_rng), metrics
 
     return jax.jit(step, donate_argnums=(0,) if donate else ())

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments.configs.presets import apply_preset
 from experiments.tasks.common import IGNORE
 from models import LanguageModel, ModelConfig
 
@@ -60,19 +61,19 @@ def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], 
     opt_state = tx.init(params)
 
     def loss_fn(p, batch):
-        logits = nnx.merge(graphdef, p)(batch["inputs"])
+        logits, aux = nnx.merge(graphdef, p)(batch["inputs"], return_aux=True)
         loss, correct, count = masked_loss_and_accuracy(logits, batch["labels"])
-        return loss, (correct, count)
+        return loss + aux, (loss, correct, count)
 
     @jax.jit
     def step(p, o, batch):
-        (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
+        (_, (loss, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
         updates, o = tx.update(grads, o, p)
         return optax.apply_updates(p, updates), o, loss
 
     @jax.jit
     def eval_step(p, batch):
-        return loss_fn(p, batch)[1]
+        return loss_fn(p, batch)[1][1:]
 
     def accuracy(p, data: Batch) -> float:
         correct = total = 0
@@ -99,3 +100,29 @@ def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], 
     results = {name: accuracy(params, data) for name, data in eval_sets.items()}
     return TaskResult(train_loss=loss, steps=done, seconds=time.perf_counter() - start, accuracy=results,
                       num_params=num_params)
+
+
+def task_model_config(preset: str, vocab_size: int, d_model: int, num_layers: int = 2, num_heads: int = 2,
+                      **overrides) -> ModelConfig:
+    """A small model of the given preset family sized for a task."""
+    values = {"vocab_size": vocab_size, "d_model": d_model, "num_layers": num_layers, "num_heads": num_heads,
+              "preset": preset}
+    values = apply_preset(values)                # the preset's pattern and options win here
+    values.update(overrides)
+    return ModelConfig.from_dict(values)
+
+
+def decode_state_size(cfg: ModelConfig, seq_len: int) -> int:
+    """Floats a model keeps per sequence to decode at ``seq_len``: recurrent states, KV caches.
+
+    This is the "state size" of Zoology's MQAR plots: ``H*K*V`` per linear layer, the ``2*T*d`` KV
+    cache per softmax layer, the window's cache for sliding windows. Counted with
+    ``jax.eval_shape``, so nothing is allocated.
+    """
+    def caches():
+        model = LanguageModel(cfg, nnx.Rngs(0))
+        return model.prefill(jnp.zeros((1, seq_len), jnp.int32), max_len=seq_len)[1]
+
+    shapes = jax.eval_shape(caches)
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(shapes)
+                   if jnp.issubdtype(x.dtype, jnp.floating)))

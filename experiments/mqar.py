@@ -1,0 +1,60 @@
+r"""MQAR: recall accuracy against decode-state size for every mixer (the Zoology / Based figure).
+
+    python -m experiments.mqar                      # CPU default, about 30 minutes on 2 cores
+    python -m experiments.mqar --full               # the paper's sizes (V=8192, L up to 256)
+    python -m experiments.mqar --mixers=gdn,transformer --d_models=64 --steps=500
+
+Each mixer preset is trained at several widths; the x-axis is the number of floats the model keeps
+per sequence for decoding (recurrent states and KV caches, see
+``experiments.tasks.runner.decode_state_size``). Writes ``OUT/mqar.json`` and ``OUT/mqar.png``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from absl import app, flags
+
+from experiments.tasks.report import line_plot, write_results
+from experiments.tasks.sweeps import mqar_sweep
+
+MIXERS = flags.DEFINE_list("mixers", ["linear_attn", "based", "retnet", "gla", "deltanet", "gdn", "transformer"],
+                           "Model presets (experiments/configs/presets.py) to compare.")
+D_MODELS = flags.DEFINE_list("d_models", ["32", "64", "128"], "Model widths (state size grows with them).")
+VOCAB = flags.DEFINE_integer("vocab_size", 1024, "MQAR vocabulary (keys below V/2, values above).")
+SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Input length.")
+PAIRS = flags.DEFINE_integer("num_pairs", 8, "Key-value pairs per example.")
+TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 20_000, "Training examples.")
+TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 1_000, "Test examples.")
+STEPS = flags.DEFINE_integer("steps", 1_500, "Training steps per run.")
+BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+LRS = flags.DEFINE_list("learning_rates", ["3e-3"], "Learning rates to sweep; the best test accuracy is kept.")
+SEED = flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
+FULL = flags.DEFINE_bool("full", False, "Paper sizes: V=8192, (L, D) = (64,4), (128,8), (256,16); "
+                         "batch 256, lr sweep over logspace(-3, -1.5, 4).")
+OUT = flags.DEFINE_string("out", "docs/results", "Output folder for mqar.json and mqar.png.")
+
+
+def main(argv):
+    del argv
+    if FULL.value:
+        vocab, settings, batch = 8192, [(64, 4), (128, 8), (256, 16)], 256
+        lrs = [float(x) for x in np.logspace(-3, -1.5, 4)]
+    else:
+        vocab, settings, batch = VOCAB.value, [(SEQ_LEN.value, PAIRS.value)], BATCH.value
+        lrs = [float(x) for x in LRS.value]
+    rows = mqar_sweep(MIXERS.value, [int(d) for d in D_MODELS.value], vocab, settings, STEPS.value, batch, lrs,
+                     TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value)
+    write_results(OUT.value, "mqar", "experiments.mqar", {"vocab_size": vocab, "settings": settings, "rows": rows})
+    for seq_len, pairs in settings:
+        series = {}
+        for mixer in MIXERS.value:
+            pts = sorted((r["state_size"], r["accuracy"]) for r in rows
+                         if r["mixer"] == mixer and r["seq_len"] == seq_len)
+            series[mixer] = ([p[0] for p in pts], [p[1] for p in pts])
+        suffix = "" if len(settings) == 1 else f"_L{seq_len}"
+        line_plot(f"{OUT.value}/mqar{suffix}.png", series, "decode state size (floats per sequence)",
+                  "MQAR accuracy", f"MQAR V={vocab} L={seq_len} D={pairs}", logx=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,48 @@
+"""Writing sweep results: a JSON file with the command that made it, and matplotlib plots."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import jax
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write_results(out_dir: str, name: str, module: str, payload: dict) -> str:
+    """Writes ``out_dir/name.json`` with the command line (``python -m module args``) and versions."""
+    os.makedirs(out_dir, exist_ok=True)
+    record = {
+        "command": " ".join(["python -m", module] + sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "jax": jax.__version__, "platform": platform.platform(), "devices": str(jax.devices()),
+        **payload,
+    }
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=2)
+    return path
+
+
+def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
+              logx: bool = False) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

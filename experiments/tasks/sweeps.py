@@ -1,0 +1,103 @@
+"""The sweeps behind the task scripts, importable without their command-line flags."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.tasks import IGNORE, generate_mqar, generate_state_tracking
+from experiments.tasks.listops import LISTOPS_VOCAB
+from experiments.tasks.runner import decode_state_size, task_model_config, train_on_task
+from experiments.tasks.state_tracking import task_vocab
+
+
+def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print):
+    """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows."""
+    rows = []
+    for seq_len, pairs in settings:
+        train = generate_mqar(train_examples, vocab, seq_len, pairs, seed=seed)
+        test = generate_mqar(test_examples, vocab, seq_len, pairs, seed=seed + 10_000)
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(train_examples)
+
+        def sample(i):
+            idx = order[(np.arange(batch) + i * batch) % train_examples]
+            return {k: v[idx] for k, v in train.items()}
+
+        for mixer in mixers:
+            for d in d_models:
+                cfg = task_model_config(mixer, vocab, d, num_layers=2, num_heads=2)
+                best = None
+                for lr in lrs:
+                    result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=seed,
+                                           stop_accuracy=0.99, eval_every=max(steps // 5, 1))
+                    if best is None or result.accuracy["test"] > best[1].accuracy["test"]:
+                        best = (lr, result)
+                lr, result = best
+                row = {"mixer": mixer, "d_model": d, "seq_len": seq_len, "num_pairs": pairs, "learning_rate": lr,
+                       "state_size": decode_state_size(cfg, seq_len), "accuracy": result.accuracy["test"],
+                       "train_loss": result.train_loss, "steps": result.steps, "seconds": result.seconds,
+                       "num_params": result.num_params}
+                rows.append(row)
+                log(f"L={seq_len} D={pairs} {mixer:12s} d={d:4d} state={row['state_size']:7d} "
+                    f"acc={row['accuracy']:.3f} ({row['seconds']:.0f}s, lr {lr})")
+    return rows
+
+
+# mixer name -> (preset, extra model overrides)
+MIXER_SPECS = {
+    "deltanet": ("deltanet", {}),
+    "deltanet_neg": ("deltanet", {"allow_neg_eigval": True}),
+    "gdn": ("gdn", {}),
+    "gdn_neg": ("gdn", {"allow_neg_eigval": True}),
+    "transformer": ("transformer", {}),
+}
+
+
+def final_token_set(task: str, length: int, n: int, seed: int) -> dict[str, np.ndarray]:
+    data = generate_state_tracking(task, n, length, seed=seed)
+    labels = np.full_like(data["labels"], IGNORE)
+    labels[:, -1] = data["labels"][:, -1]
+    return {"inputs": data["inputs"], "labels": labels}
+
+
+def state_tracking_sweep(tasks, mixers, train_length, test_lengths, d_model, num_layers, steps, batch, lr, seeds, test_examples,
+        log=print):
+    rows = []
+    for task in tasks:
+        vocab, states = task_vocab(task)
+        for mixer in mixers:
+            preset, extra = MIXER_SPECS[mixer]
+            for seed in seeds:
+                cfg = task_model_config(preset, max(vocab, states), d_model, num_layers=num_layers, **extra)
+                sample = lambda i, task=task, seed=seed: generate_state_tracking(
+                    task, batch, train_length, seed=seed * 1_000_003 + i)
+                evals = {f"L{n}": final_token_set(task, n, test_examples, seed=10_000 + seed + n) for n in test_lengths}
+                result = train_on_task(cfg, sample, evals, steps=steps, learning_rate=lr, seed=seed)
+                for n in test_lengths:
+                    acc = result.accuracy[f"L{n}"]
+                    rows.append({"task": task, "mixer": mixer, "seed": seed, "length": n, "accuracy": acc,
+                                 "normalized": (acc - 1 / states) / (1 - 1 / states),
+                                 "train_loss": result.train_loss, "seconds": result.seconds})
+                log(f"{task:6s} {mixer:13s} seed {seed}: " + ", ".join(
+                    f"L{n} {result.accuracy[f'L{n}']:.2f}" for n in test_lengths) + f" ({result.seconds:.0f}s)")
+    return rows
+
+
+
+def listops_sweep(mixers, train, test, batch, d_model, num_layers, steps, lr, seed, log=print):
+    """Trains each mixer preset on ListOps trees; returns one row per mixer."""
+    rng = np.random.default_rng(seed)
+    n_train = len(train["inputs"])
+
+    def sample(i):
+        idx = rng.integers(0, n_train, batch)
+        return {k: train[k][idx] for k in ("inputs", "labels")}
+
+    rows = []
+    for mixer in mixers:
+        cfg = task_model_config(mixer, len(LISTOPS_VOCAB), d_model, num_layers=num_layers)
+        result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=seed)
+        rows.append({"mixer": mixer, "accuracy": result.accuracy["test"], "train_loss": result.train_loss,
+                     "seconds": result.seconds, "num_params": result.num_params})
+        log(f"{mixer:12s} accuracy {result.accuracy['test']:.3f} ({result.seconds:.0f}s)")
+    return rows
