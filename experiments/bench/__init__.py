@@ -1,0 +1,1 @@
+"""Benchmarks: ops (sequence mixers), optimizer step time and memory."""
