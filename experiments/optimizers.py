@@ -25,9 +25,11 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
         raise ValueError(f"optim.name = {cfg.name!r} is unknown; expected one of {sorted(optim.OPTIMIZERS)}")
     factory = optim.OPTIMIZERS[cfg.name]
     accepted = inspect.signature(factory).parameters
-    kwargs = {k: cfg[k] for k in ("b1", "b2", "weight_decay", "rank", "update_proj_gap") if k in accepted}
-    if cfg.scale >= 0 and "scale" in accepted:
-        kwargs["scale"] = cfg.scale
+    kwargs = {k: cfg[k] for k in ("b1", "b2", "weight_decay") if k in accepted}
+    # APOLLO-Mini is rank 1 by definition: the shared rank only applies to the other methods.
+    for key in ("rank", "update_proj_gap", "scale"):
+        if key in accepted and cfg[key] >= 0 and not (key == "rank" and cfg.name == "apollo_mini"):
+            kwargs[key] = cfg[key]
     return factory(schedule, **kwargs)
 
 

@@ -190,3 +190,14 @@ def test_sequence_longer_than_corpus_fails_clearly(tmp_path):
     c = tiny_config(small)
     with pytest.raises(ValueError, match="seq_len = 32 needs at least 33 tokens"):
         train(c, str(tmp_path / "run"), show_progress=False)
+
+
+def test_low_rank_optimizer_by_config_prints_its_state_memory(text_file, tmp_path, capsys):
+    c = tiny_config(text_file, steps=30)
+    c.optim.name = "apollo_mini"
+    summary = train(c, str(tmp_path), show_progress=False)
+    out = capsys.readouterr().out
+    assert "optimizer apollo_mini state" in out and "lowrank/mu" in out and "lowrank/projector" not in out
+    losses = train_losses(tmp_path)
+    assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 1.0
+    assert np.isfinite(summary["val_loss"])

@@ -58,9 +58,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
     c.optim.grad_clip = 1.0
-    c.optim.rank = 32                # low-rank optimizers only
-    c.optim.update_proj_gap = 200    # low-rank optimizers only
-    c.optim.scale = -1.0             # low-rank optimizers only; < 0 keeps each method's default
+    c.optim.rank = 32                # low-rank optimizers; < 0 keeps the method default (apollo_mini: 1)
+    c.optim.update_proj_gap = 200    # low-rank optimizers; < 0 keeps the method default
+    c.optim.scale = -1.0             # low-rank optimizers; < 0 keeps the method default
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1200
@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_prompt = "ROMEO:\n"
     c.train.sample_temperature = 0.8
 
-    c.mesh = ml_collections.ConfigDict()
+    c.mesh = ml_collections.ConfigDict()   # parallelism.mesh axes; one of them may be -1 (fill)
     c.mesh.data = -1                 # devices on the data axis; -1 = all
+    c.mesh.fsdp = 1                  # batch split + parameters/optimizer state sharded (ZeRO-3)
+    c.mesh.sequence = 1              # tokens split: LASP-2 for linear layers, see mesh.attention
+    c.mesh.tensor = 1                # heads and MLP hidden units split
+    c.mesh.attention = "ring"        # softmax layers when sequence > 1: ring | ulysses | allgather
     return c
