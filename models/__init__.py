@@ -1,7 +1,12 @@
-"""Flax NNX sequence-mixer layers and decoder-only language models built on ``ops``."""
+"""Flax NNX sequence-mixer layers and decoder-only language models built on ``ops``.
 
-from models.config import ModelConfig
-from models.lm import LanguageModel, count_params
+See ``docs/models.md``: the mixers (``models.mixers.MIXERS``), layer patterns, presets
+(``experiments/configs/presets.py``) and cached generation.
+"""
+
+from models.config import MIXER_LETTERS, ModelConfig
+from models.lm import Block, LanguageModel, count_params
+from models.mixers import MIXERS
 from models.sampling import generate
 
-__all__ = ["LanguageModel", "ModelConfig", "count_params", "generate"]
+__all__ = ["LanguageModel", "ModelConfig", "count_params", "generate", "Block", "MIXERS", "MIXER_LETTERS"]

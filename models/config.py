@@ -1,4 +1,23 @@
-"""Language-model configuration with validation that names the bad field."""
+"""Language-model configuration with validation that names the bad field.
+
+The layer pattern picks one sequence mixer per layer, either as one letter per layer
+(``"LLLS"``) or as comma-separated mixer names (``"gdn,gdn,gdn,softmax"``); a shorter pattern is
+tiled over ``num_layers``.
+
+| letter | name (aliases)                | mixer                                                   |
+|--------|-------------------------------|---------------------------------------------------------|
+| ``L``  | ``linear_attn``               | linear attention, feature map ``feature_map``           |
+| ``H``  | ``hedgehog``                  | linear attention with Hedgehog's learnable softmax map |
+| ``B``  | ``based``                     | Based: Taylor feature map, normalised linear attention |
+| ``R``  | ``retnet``                    | RetNet retention (simple_gla, fixed per-head decay)     |
+| ``N``  | ``lightning``                 | Lightning Attention (simple_gla, ALiBi-slope decay)     |
+| ``G``  | ``gla``                       | Gated Linear Attention (low-rank data-dependent gate)   |
+| ``D``  | ``deltanet``                  | DeltaNet (delta rule)                                   |
+| ``E``  | ``gated_deltanet`` (``gdn``)  | Gated DeltaNet                                          |
+| ``M``  | ``mom``                       | Mixture-of-Memories (GDN memories, top-k router)        |
+| ``S``  | ``softmax`` (``attn``)        | softmax attention, rotary, grouped-query heads          |
+| ``W``  | ``swa``                       | sliding-window softmax attention (``window`` keys)      |
+"""
 
 from __future__ import annotations
 
@@ -6,17 +25,43 @@ import dataclasses
 from typing import Any, Mapping
 
 # One letter per mixer kind in a layer pattern; models.mixers registers the classes.
-MIXER_LETTERS = {"L": "linear_attn", "S": "softmax"}
-FEATURE_MAPS = ("identity", "elu+1", "relu")
+MIXER_LETTERS = {
+    "L": "linear_attn", "H": "hedgehog", "B": "based", "R": "retnet", "N": "lightning",
+    "G": "gla", "D": "deltanet", "E": "gated_deltanet", "M": "mom", "S": "softmax", "W": "swa",
+}
+MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softmax",
+                 "sliding_window": "swa", "delta_rule": "deltanet",
+                 "gated_delta_rule": "gated_deltanet", "linear": "linear_attn"}
+MIXER_NAMES = tuple(MIXER_LETTERS.values())
+FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
+LIGHTNING_DECAYS = ("alibi_slopes", "fla_linear")
+HEDGEHOG_FORMS = ("fla", "lolcats")
+
+
+def parse_pattern(pattern: str) -> tuple[str, ...]:
+    """``"LLLS"`` or ``"gla,gla,softmax"`` -> canonical mixer names; ValueError naming the field."""
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"model.pattern must name at least one layer, e.g. 'LLLS', got {pattern!r}")
+    known = (f"letters {', '.join(f'{k}={v}' for k, v in MIXER_LETTERS.items())}; or comma-separated "
+             f"names {', '.join(MIXER_NAMES + tuple(MIXER_ALIASES))}")
+    if "," in pattern or pattern.strip().lower() in MIXER_NAMES + tuple(MIXER_ALIASES):
+        names = []
+        for raw in pattern.split(","):
+            name = raw.strip().lower()
+            name = MIXER_ALIASES.get(name, name)
+            if name not in MIXER_NAMES:
+                raise ValueError(f"model.pattern = {pattern!r} has unknown mixer {raw.strip()!r}; known: {known}")
+            names.append(name)
+        return tuple(names)
+    unknown = sorted(set(pattern) - set(MIXER_LETTERS))
+    if unknown:
+        raise ValueError(f"model.pattern = {pattern!r} has unknown mixer letter(s) {unknown}; known: {known}")
+    return tuple(MIXER_LETTERS[c] for c in pattern)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and mixer choices of a decoder-only language model.
-
-    ``pattern`` lists one letter per layer (``L`` linear attention, ``S`` softmax attention); a
-    shorter pattern is tiled, so ``pattern="LLLS", num_layers=8`` gives two ``LLLS`` groups.
-    """
+    """Shape and mixer choices of a decoder-only language model (see the module docstring)."""
 
     vocab_size: int = 256
     d_model: int = 128
@@ -24,41 +69,91 @@ class ModelConfig:
     pattern: str = "LLLS"
     num_heads: int = 4
     head_dim: int | None = None          # default d_model // num_heads
+    num_kv_heads: int | None = None      # softmax / SWA grouped-query heads; default num_heads
     mlp_hidden: int | None = None        # default 8/3 d_model rounded up to a multiple of 32
-    feature_map: str = "elu+1"           # linear attention's feature map on q and k
+    feature_map: str = "elu+1"           # linear attention's (L) feature map on q and k
+    normalize: bool = False              # L/H: divide by s q.z (positive maps only) instead of RMSNorm
     chunk_size: int = 64
     rope_theta: float = 10_000.0
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
+    window: int = 64                     # SWA: keys per query, including itself
+    conv_size: int = 4                   # short causal conv (DeltaNet, GDN); 0 disables it
+    hedgehog_dim: int | None = None      # Hedgehog features per half (D'); default head size
+    hedgehog_form: str = "fla"
+    based_feature_dim: int = 16          # Based: q/k projected to this many dims before Taylor
+    lightning_decay: str = "alibi_slopes"
+    gla_expand_k: float = 0.5            # GLA key dim = expand_k * head size
+    gla_gate_rank: int = 16
+    gla_gate_normalizer: float = 16.0
+    gdn_expand_v: int = 1                # GDN / MoM value dim = expand_v * head size
+    allow_neg_eigval: bool = False       # DeltaNet / GDN / MoM: beta = 2 sigmoid(.)
+    mom_num_memories: int = 4
+    mom_topk: int = 2
+    mom_shared_memory: bool = True
+    aux_loss_weight: float = 0.01        # MoM load-balancing loss weight (already in the aux)
 
     def __post_init__(self):
-        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size")
+        positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "window",
+                    "based_feature_dim", "gla_gate_rank", "gdn_expand_v", "mom_num_memories",
+                    "mom_topk")
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        for name in ("head_dim", "num_kv_heads", "mlp_hidden", "hedgehog_dim"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"model.{name} must be a positive int or None, got {value!r}")
+        if isinstance(self.conv_size, bool) or not isinstance(self.conv_size, int) or self.conv_size < 0:
+            raise ValueError(f"model.conv_size must be an int >= 0 (0 disables the short convolution), "
+                             f"got {self.conv_size!r}")
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(f"model.num_heads = {self.num_heads} must divide model.d_model = "
                              f"{self.d_model} (or set model.head_dim)")
-        if not self.pattern:
-            raise ValueError("model.pattern must name at least one layer, e.g. 'LLLS'")
-        unknown = sorted(set(self.pattern) - set(MIXER_LETTERS))
-        if unknown:
-            raise ValueError(f"model.pattern = {self.pattern!r} has unknown mixer letter(s) {unknown}; "
-                             f"known: {', '.join(f'{k}={v}' for k, v in MIXER_LETTERS.items())}")
-        if self.num_layers % len(self.pattern):
+        kinds = parse_pattern(self.pattern)
+        if self.num_layers % len(kinds):
             raise ValueError(f"model.num_layers = {self.num_layers} must be a multiple of the pattern "
-                             f"length {len(self.pattern)} (pattern {self.pattern!r})")
+                             f"length {len(kinds)} (pattern {self.pattern!r})")
+        kv = self.kv_heads
+        if self.num_heads % kv:
+            raise ValueError(f"model.num_kv_heads = {kv} must divide model.num_heads = {self.num_heads}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"model.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.hedgehog_form not in HEDGEHOG_FORMS:
+            raise ValueError(f"model.hedgehog_form must be one of {HEDGEHOG_FORMS}, got {self.hedgehog_form!r}")
+        if self.lightning_decay not in LIGHTNING_DECAYS:
+            raise ValueError(f"model.lightning_decay must be one of {LIGHTNING_DECAYS}, "
+                             f"got {self.lightning_decay!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"model.normalize must be a bool, got {self.normalize!r}")
+        if "gla" in kinds and (not self.gla_expand_k > 0 or (self.gla_expand_k * self.head_size) % 1):
+            raise ValueError(f"model.gla_expand_k = {self.gla_expand_k} times the head size "
+                             f"{self.head_size} must be a positive integer")
+        if self.gla_expand_k <= 0:
+            raise ValueError(f"model.gla_expand_k must be > 0, got {self.gla_expand_k!r}")
+        if self.mom_topk > self.mom_num_memories:
+            raise ValueError(f"model.mom_topk = {self.mom_topk} must be <= model.mom_num_memories = "
+                             f"{self.mom_num_memories}")
+        if self.gla_gate_normalizer <= 0:
+            raise ValueError(f"model.gla_gate_normalizer must be > 0, got {self.gla_gate_normalizer!r}")
+        rotary_kinds = {"softmax", "swa", "retnet"}
+        if rotary_kinds & set(kinds) and self.head_size % 2:
+            raise ValueError(f"model.head_dim = {self.head_size} must be even for rotary embeddings "
+                             f"(used by {sorted(rotary_kinds & set(kinds))})")
 
     @property
     def layer_kinds(self) -> tuple[str, ...]:
-        return tuple(MIXER_LETTERS[self.pattern[i % len(self.pattern)]] for i in range(self.num_layers))
+        kinds = parse_pattern(self.pattern)
+        return tuple(kinds[i % len(kinds)] for i in range(self.num_layers))
 
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
 
     @property
     def hidden_size(self) -> int:

@@ -1,4 +1,16 @@
-"""Building blocks shared by every mixer and model: logical-axis parameters, norms, MLP, rotary."""
+"""Building blocks shared by every mixer and model.
+
+Logical-axis parameters (:func:`logical`, :func:`dense`), :class:`RMSNorm`,
+:class:`GatedRMSNorm` (``norm(o) * swish(gate)``), :class:`SwiGLU`, the short causal depthwise
+:class:`ShortConv` with its decoding state, :func:`rotary` and :func:`l2norm`.
+
+Logical axis names used by the parameters: ``vocab``, ``embed`` (model width), ``mlp`` (MLP
+hidden), ``heads`` (a flattened heads x head-dim projection axis, or a per-head vector),
+``kv_heads`` (grouped-query key/value projections), ``kv``
+(one head's dim, e.g. per-head norms and Hedgehog maps), ``lowrank`` (GLA's gate bottleneck),
+``conv`` (short-convolution taps), ``features`` (Hedgehog's D') and ``memories`` (MoM's router
+outputs).  Names missing from ``parallelism.rules.LOGICAL_RULES`` are replicated.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +26,22 @@ def logical(init, *names: str):
     return nnx.with_partitioning(init, names, eager_sharding=False)
 
 
-def dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, init=default_kernel_init) -> nnx.Linear:
-    return nnx.Linear(d_in, d_out, use_bias=False, kernel_init=logical(init, *names), rngs=rngs)
+def param(value: jax.Array, *names: str) -> nnx.Param:
+    """An ``nnx.Param`` holding ``value`` with logical axis ``names`` (one per dimension)."""
+    if len(names) != value.ndim:
+        raise ValueError(f"need one logical name per dimension of shape {value.shape}, got {names}")
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, init=default_kernel_init,
+          use_bias: bool = False) -> nnx.Linear:
+    kw = {"bias_init": logical(nnx.initializers.zeros_init(), names[1])} if use_bias else {}
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=logical(init, *names), rngs=rngs, **kw)
+
+
+def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    return x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
 class RMSNorm(nnx.Module):
@@ -23,12 +49,22 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, eps: float = 1e-6, axis_name: str = "embed"):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32), out_sharding=(axis_name,), eager_sharding=False)
+        self.scale = param(jnp.ones((dim,), jnp.float32), axis_name)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale[...]).astype(x.dtype)
+        return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """``RMSNorm(o) * swish(gate)`` over the last axis (one head), FLA's ``FusedRMSNormGated``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, axis_name: str = "kv"):
+        self.eps = eps
+        self.scale = param(jnp.ones((dim,), jnp.float32), axis_name)
+
+    def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
+        y = rms_normalize(x, self.eps) * self.scale[...]
+        return (y * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):
@@ -43,6 +79,57 @@ class SwiGLU(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class ShortConv(nnx.Module):
+    """Causal depthwise convolution over time (kernel ``size``), optionally followed by SiLU.
+
+    ``y_t = act(sum_{j<size} w_j * u_{t-size+1+j})``.  Taps that reach before a sequence start
+    (position 0, a packed-segment boundary, or a padded token) read zeros.  Decoding keeps the
+    last ``size - 1`` inputs as the state ``[B, size - 1, C]``.
+    """
+
+    def __init__(self, channels: int, size: int, rngs: nnx.Rngs, activation: bool = True):
+        self.size, self.activation = size, activation
+        bound = size ** -0.5                       # PyTorch Conv1d default (fan_in = size, depthwise)
+        w = jax.random.uniform(rngs.params(), (size, channels), jnp.float32, -bound, bound)
+        self.weight = param(w, "conv", "heads")
+
+    def _act(self, y):
+        return jax.nn.silu(y) if self.activation else y
+
+    def __call__(self, u: jax.Array, segment_ids: jax.Array | None = None,
+                 valid: jax.Array | None = None) -> jax.Array:
+        """``u [B, T, C]``; ``segment_ids [B, T]`` int (taps never cross ids); ``valid [B, T]``."""
+        if valid is not None:
+            u = jnp.where(valid[..., None], u, jnp.zeros((), u.dtype))
+        w = self.weight[...].astype(u.dtype)
+        T = u.shape[1]
+        y = u * w[-1]
+        for s in range(1, min(self.size, T)):
+            shifted = jnp.pad(u[:, :T - s], ((0, 0), (s, 0), (0, 0)))
+            if segment_ids is not None:
+                same = jnp.pad(segment_ids[:, s:] == segment_ids[:, :T - s], ((0, 0), (s, 0)))
+                shifted = jnp.where(same[..., None], shifted, jnp.zeros((), u.dtype))
+            y = y + shifted * w[-1 - s]
+        return self._act(y)
+
+    def final_state(self, u: jax.Array, valid: jax.Array | None = None) -> jax.Array:
+        """The decoding state after the whole of ``u [B, T, C]`` (its last ``size - 1`` inputs)."""
+        if valid is not None:
+            u = jnp.where(valid[..., None], u, jnp.zeros((), u.dtype))
+        n = self.size - 1
+        u = jnp.pad(u, ((0, 0), (max(n - u.shape[1], 0), 0), (0, 0)))
+        return u[:, u.shape[1] - n:]
+
+    def init_state(self, batch: int, channels: int, dtype=jnp.float32) -> jax.Array:
+        return jnp.zeros((batch, self.size - 1, channels), dtype)
+
+    def step(self, u: jax.Array, state: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """One token ``u [B, 1, C]`` with ``state [B, size - 1, C]`` -> ``(y [B, 1, C], state)``."""
+        window = jnp.concatenate([state.astype(u.dtype), u], axis=1)          # [B, size, C]
+        y = jnp.einsum("bsc,sc->bc", window, self.weight[...].astype(u.dtype))[:, None]
+        return self._act(y), window[:, 1:].astype(state.dtype)
+
+
 def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
     """Rotary position embedding on ``x [B, T, H, D]`` (D even) at integer ``positions [B, T]``."""
     d = x.shape[-1]
@@ -54,3 +141,9 @@ def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.A
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def l2norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """``x / sqrt(sum x^2 + eps)`` over the last axis in float32 (FLA's ``l2_norm``); 0 stays 0."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)

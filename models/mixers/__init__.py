@@ -1,0 +1,22 @@
+"""Sequence-mixer layers ``[B, T, D] -> [B, T, D]``, each usable on its own (see ``base.Mixer``).
+
+``MIXERS`` maps the canonical names of :mod:`models.config` to the classes; every class takes
+``(cfg: ModelConfig, rngs, layer_idx=0)``.
+"""
+
+from models.mixers.attention import SlidingWindowAttention, SoftmaxAttention
+from models.mixers.base import Context, Mixer, make_context
+from models.mixers.linear import (GLA, BasedAttention, DeltaNet, GatedDeltaNet, HedgehogAttention,
+                                  Lightning, LinearAttention, RecurrentMixer, RetNet)
+from models.mixers.mom import MoM
+
+MIXERS = {
+    "linear_attn": LinearAttention, "hedgehog": HedgehogAttention, "based": BasedAttention,
+    "retnet": RetNet, "lightning": Lightning, "gla": GLA, "deltanet": DeltaNet,
+    "gated_deltanet": GatedDeltaNet, "mom": MoM, "softmax": SoftmaxAttention,
+    "swa": SlidingWindowAttention,
+}
+
+__all__ = ["MIXERS", "Mixer", "RecurrentMixer", "Context", "make_context", "LinearAttention",
+           "HedgehogAttention", "BasedAttention", "RetNet", "Lightning", "GLA", "DeltaNet",
+           "GatedDeltaNet", "MoM", "SoftmaxAttention", "SlidingWindowAttention"]

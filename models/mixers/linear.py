@@ -1,0 +1,379 @@
+"""Linear-attention mixers on the ``ops`` families (chunk form for sequences, recurrent for decoding).
+
+| class | op family | parameters (besides ``q/k/v/o_proj``) |
+|---|---|---|
+| :class:`LinearAttention` | ``linear_attn`` | feature map (identity, elu+1, relu, hedgehog, taylor), per-head RMSNorm |
+| :class:`HedgehogAttention` | ``linear_attn`` | learnable Hedgehog maps ``q_map``/``k_map`` ``[H, D, D']`` |
+| :class:`BasedAttention` | ``linear_attn`` (normalised) | q/k projected to ``based_feature_dim``, Taylor map |
+| :class:`RetNet` | ``simple_gla`` (``g_gamma``) | rotary q/k, output gate ``g_proj``, gated RMSNorm |
+| :class:`Lightning` | ``simple_gla`` (``g_gamma``) | SiLU q/k, output gate, gated RMSNorm |
+| :class:`GLA` | ``gla`` | low-rank gate ``gk_down_proj``/``gk_up_proj``, output gate, gated RMSNorm |
+| :class:`DeltaNet` | ``delta_rule`` | short convs, L2 q/k, ``b_proj`` (beta), per-head RMSNorm |
+| :class:`GatedDeltaNet` | ``gated_delta_rule`` | short convs, L2 q/k, ``a_proj``, ``A_log``, ``dt_bias``, ``b_proj``, output gate |
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models import dispatch
+from models.config import ModelConfig
+from models.layers import GatedRMSNorm, RMSNorm, ShortConv, dense, l2norm, param, rotary
+from models.mixers.base import Mixer
+from ops import feature_maps as fm
+
+F32 = jnp.float32
+
+
+class ConvIO:
+    """Runs short convolutions in the current mode and collects their decoding states."""
+
+    def __init__(self, ctx, mode, states):
+        self.ctx, self.mode, self.states, self.out = ctx, mode, states, {}
+
+    def __call__(self, name: str, conv: ShortConv | None, u: jax.Array, activation=jax.nn.silu):
+        if conv is None:
+            return activation(u) if activation is not None else u
+        if self.mode == "step":
+            y, self.out[name] = conv.step(u, self.states[name])
+            return y
+        y = conv(u, self.ctx.segment_ids, self.ctx.valid)
+        if self.mode == "prefill":
+            self.out[name] = conv.final_state(u, self.ctx.valid)
+        return y
+
+
+def _heads(y: jax.Array, h: int) -> jax.Array:
+    return y.reshape(y.shape[:2] + (h, y.shape[-1] // h))
+
+
+class RecurrentMixer(Mixer):
+    """A layer around one linear family.  Subclasses define ``family``, ``_project`` and ``_output``.
+
+    ``_project(x, ctx, conv) -> dict`` returns q, k, v and the op kwargs (``g``, ``g_gamma``,
+    ``beta``, ``scale``, ``normalize``); keys starting with ``_`` are passed to ``_output`` only
+    (``_aux`` is the layer's auxiliary loss).
+    """
+
+    family: str = "linear_attn"
+
+    def _project(self, x, ctx, conv):
+        raise NotImplementedError
+
+    def _output(self, o, x, extras):
+        raise NotImplementedError
+
+    def _run(self, x, ctx, mode, cache, max_len, index):
+        conv = ConvIO(ctx, mode, None if cache is None else cache.get("conv"))
+        inp = self._project(x, ctx, conv)
+        extras = {key: inp.pop(key) for key in list(inp) if key.startswith("_")}
+        q, k, v = inp.pop("q"), inp.pop("k"), inp.pop("v")
+        if ctx.valid is not None:                  # padding writes nothing and decays nothing
+            valid = ctx.valid
+            k = jnp.where(valid[..., None, None], k, 0)
+            v = jnp.where(valid[..., None, None], v, 0)
+            if inp.get("g_gamma") is not None:
+                inp["g"] = jnp.where(valid[..., None], inp.pop("g_gamma")[None, None], 0.0)
+            for name in ("g", "beta"):
+                if inp.get(name) is not None:
+                    shape = valid.shape + (1,) * (inp[name].ndim - 2)
+                    inp[name] = jnp.where(valid.reshape(shape), inp[name], 0)
+        normalize = inp.get("normalize", False)
+        kw = dict(inp)
+        if mode == "step":
+            kw.update(initial_state=cache["state"], output_final_state=True)
+            if normalize:
+                kw["initial_normalizer"] = cache["z"]
+        elif mode == "prefill":
+            kw["output_final_state"] = True
+        o, state = dispatch.linear(self.family, q, k, v, mode="recurrent" if mode == "step" else "chunk",
+                                   chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens, **kw)
+        new_cache = None
+        if mode != "full":
+            new_cache = {"state": state, "conv": conv.out}
+            if normalize:
+                z = jnp.sum(k.astype(F32), axis=1)
+                new_cache["z"] = z + cache["z"] if mode == "step" else z
+        y, aux = self._output(o, x, extras), extras.get("_aux", jnp.zeros((), F32))
+        return y, aux, new_cache
+
+
+# ------------------------------------------------------------------------------------------------
+# Linear attention with a feature map; Hedgehog; Based
+# ------------------------------------------------------------------------------------------------
+
+class LinearAttention(RecurrentMixer):
+    """Causal linear attention ``o_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s`` with ``cfg.feature_map``.
+
+    The head outputs are RMS-normalised (as in FLA's LinearAttention) unless ``cfg.normalize``,
+    which divides by ``s phi(q_t) . sum phi(k)`` instead (positive maps only).  ``hedgehog`` and
+    ``taylor`` maps use scale 1 (their temperature is built in).
+    """
+
+    family = "linear_attn"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0, feature_map: str | None = None):
+        h, d = cfg.num_heads, cfg.head_size
+        self.num_heads, self.head_dim, self.chunk_size = h, d, cfg.chunk_size
+        self.feature_map = feature_map or cfg.feature_map
+        self.normalize = cfg.normalize
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.o_proj = dense(h * d, cfg.d_model, ("heads", "embed"), rngs)
+        if self.feature_map == "hedgehog":
+            dp = cfg.hedgehog_dim or d
+            self.hedgehog_form = cfg.hedgehog_form
+            if cfg.hedgehog_form == "fla":             # identity init (D' = D), shared init for q and k
+                init = lambda: jnp.broadcast_to(jnp.eye(d, dp, dtype=F32), (h, d, dp))
+            else:                                       # LoLCATs: Kaiming-uniform, untied for q and k
+                bound = math.sqrt(6.0 / d)
+                init = lambda: jax.random.uniform(rngs.params(), (h, d, dp), F32, -bound, bound)
+            self.q_map = param(init(), "heads", "kv", "features")
+            self.k_map = param(init(), "heads", "kv", "features")
+        self.o_norm = None if self.normalize else RMSNorm(d, cfg.norm_eps, axis_name="kv")
+
+    def _phi(self, x, which):
+        name = self.feature_map
+        if name == "identity":
+            return x
+        if name == "elu+1":
+            return fm.elu_plus_one(x)
+        if name == "relu":
+            return fm.relu(x)
+        if name == "taylor":
+            return fm.based_taylor(x)
+        weight = (self.q_map if which == "q" else self.k_map)[...]
+        return fm.hedgehog(x, weight.astype(x.dtype), form=self.hedgehog_form)
+
+    def _project(self, x, ctx, conv):
+        q = self._phi(_heads(self.q_proj(x), self.num_heads), "q")
+        k = self._phi(_heads(self.k_proj(x), self.num_heads), "k")
+        v = _heads(self.v_proj(x), self.num_heads)
+        scale = 1.0 if self.feature_map in ("hedgehog", "taylor") else None
+        return {"q": q, "k": k, "v": v, "scale": scale, "normalize": self.normalize}
+
+    def _output(self, o, x, extras):
+        if self.o_norm is not None:
+            o = self.o_norm(o)
+        return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
+
+
+class HedgehogAttention(LinearAttention):
+    """Linear attention with Hedgehog's learnable softmax feature map (``cfg.hedgehog_form``)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        super().__init__(cfg, rngs, layer_idx, feature_map="hedgehog")
+
+
+class BasedAttention(RecurrentMixer):
+    """Based's linear branch: q/k projected to ``based_feature_dim`` per head, 2nd-order Taylor map
+    (``1 + d + d^2`` features), normalised linear attention (scale 1), no output norm."""
+
+    family = "linear_attn"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        h, d, f = cfg.num_heads, cfg.head_size, cfg.based_feature_dim
+        self.num_heads, self.chunk_size = h, cfg.chunk_size
+        self.q_proj = dense(cfg.d_model, h * f, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * f, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.o_proj = dense(h * d, cfg.d_model, ("heads", "embed"), rngs)
+
+    def _project(self, x, ctx, conv):
+        q = fm.based_taylor(_heads(self.q_proj(x), self.num_heads))
+        k = fm.based_taylor(_heads(self.k_proj(x), self.num_heads))
+        v = _heads(self.v_proj(x), self.num_heads)
+        return {"q": q, "k": k, "v": v, "scale": 1.0, "normalize": True}
+
+    def _output(self, o, x, extras):
+        return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
+
+
+# ------------------------------------------------------------------------------------------------
+# Scalar decay: RetNet, Lightning
+# ------------------------------------------------------------------------------------------------
+
+class _GatedOutput(RecurrentMixer):
+    """Shared output path: per-head gated RMSNorm with ``swish(g_proj(x))``, then ``o_proj``."""
+
+    def _init_output(self, cfg, rngs, h, dv):
+        self.g_proj = dense(cfg.d_model, h * dv, ("embed", "heads"), rngs)
+        self.o_norm = GatedRMSNorm(dv, cfg.norm_eps)
+        self.o_proj = dense(h * dv, cfg.d_model, ("heads", "embed"), rngs)
+
+    def _output(self, o, x, extras):
+        o = self.o_norm(o, _heads(self.g_proj(x), o.shape[2]))
+        return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
+
+
+class RetNet(_GatedOutput):
+    """RetNet multi-scale retention: rotary q/k, ``gamma_h = 1 - 2^{-5-h}``, gated RMSNorm output."""
+
+    family = "simple_gla"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        from ops.simple_gla import retnet_g_gamma
+        h, d = cfg.num_heads, cfg.head_size
+        self.num_heads, self.chunk_size, self.rope_theta = h, cfg.chunk_size, cfg.rope_theta
+        with jax.ensure_compile_time_eval():
+            self.g_gamma = tuple(float(g) for g in np.asarray(retnet_g_gamma(h)))
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self._init_output(cfg, rngs, h, d)
+
+    def _project(self, x, ctx, conv):
+        q = rotary(_heads(self.q_proj(x), self.num_heads), ctx.positions, self.rope_theta)
+        k = rotary(_heads(self.k_proj(x), self.num_heads), ctx.positions, self.rope_theta)
+        v = _heads(self.v_proj(x), self.num_heads)
+        return {"q": q, "k": k, "v": v, "g_gamma": jnp.asarray(self.g_gamma, F32)}
+
+
+class Lightning(_GatedOutput):
+    """Lightning Attention (TransNormerLLM): SiLU q/k, fixed per-head decay
+    (``cfg.lightning_decay``: ALiBi slopes scaled by depth, or FLA's linear schedule), gated RMSNorm."""
+
+    family = "simple_gla"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        from ops.simple_gla import lightning_g_gamma
+        h, d = cfg.num_heads, cfg.head_size
+        self.num_heads, self.chunk_size = h, cfg.chunk_size
+        with jax.ensure_compile_time_eval():
+            self.g_gamma = tuple(float(g) for g in np.asarray(
+                lightning_g_gamma(h, layer_idx, cfg.num_layers, cfg.lightning_decay)))
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self._init_output(cfg, rngs, h, d)
+
+    def _project(self, x, ctx, conv):
+        q = jax.nn.silu(_heads(self.q_proj(x), self.num_heads))
+        k = jax.nn.silu(_heads(self.k_proj(x), self.num_heads))
+        v = _heads(self.v_proj(x), self.num_heads)
+        return {"q": q, "k": k, "v": v, "g_gamma": jnp.asarray(self.g_gamma, F32)}
+
+
+# ------------------------------------------------------------------------------------------------
+# GLA
+# ------------------------------------------------------------------------------------------------
+
+class GLA(_GatedOutput):
+    """Gated Linear Attention: ``g = logsigmoid(W2 W1 x + b) / gate_normalizer`` per key dim
+    (key dim ``gla_expand_k * head``), output gate ``swish(g_proj x)`` into a per-head RMSNorm."""
+
+    family = "gla"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        h, d = cfg.num_heads, cfg.head_size
+        dk = int(cfg.gla_expand_k * d)
+        self.num_heads, self.chunk_size, self.normalizer = h, cfg.chunk_size, cfg.gla_gate_normalizer
+        self.q_proj = dense(cfg.d_model, h * dk, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * dk, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.gk_down_proj = dense(cfg.d_model, cfg.gla_gate_rank, ("embed", "lowrank"), rngs)
+        self.gk_up_proj = dense(cfg.gla_gate_rank, h * dk, ("lowrank", "heads"), rngs, use_bias=True)
+        self._init_output(cfg, rngs, h, d)
+
+    def _project(self, x, ctx, conv):
+        h = self.num_heads
+        q, k, v = _heads(self.q_proj(x), h), _heads(self.k_proj(x), h), _heads(self.v_proj(x), h)
+        gk = self.gk_up_proj(self.gk_down_proj(x)).astype(F32)
+        g = _heads(jax.nn.log_sigmoid(gk) / self.normalizer, h)
+        return {"q": q, "k": k, "v": v, "g": g}
+
+
+# ------------------------------------------------------------------------------------------------
+# Delta rule: DeltaNet, Gated DeltaNet
+# ------------------------------------------------------------------------------------------------
+
+def _conv_or_none(size, channels, rngs):
+    return ShortConv(channels, size, rngs) if size > 0 else None
+
+
+class DeltaNet(RecurrentMixer):
+    """DeltaNet: short causal convs (SiLU) on q, k, v, L2-normalised q/k, ``beta = sigmoid(b_proj x)``
+    (``2 sigmoid`` with ``allow_neg_eigval``), per-head RMSNorm on the output."""
+
+    family = "delta_rule"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        h, d = cfg.num_heads, cfg.head_size
+        self.num_heads, self.chunk_size, self.neg = h, cfg.chunk_size, cfg.allow_neg_eigval
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.b_proj = dense(cfg.d_model, h, ("embed", "heads"), rngs)
+        self.q_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
+        self.k_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
+        self.v_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
+        self.o_norm = RMSNorm(d, cfg.norm_eps, axis_name="kv")
+        self.o_proj = dense(h * d, cfg.d_model, ("heads", "embed"), rngs)
+
+    def _beta(self, b):
+        beta = jax.nn.sigmoid(b.astype(F32))
+        return 2.0 * beta if self.neg else beta
+
+    def _project(self, x, ctx, conv):
+        h = self.num_heads
+        q = l2norm(_heads(conv("q", self.q_conv, self.q_proj(x)), h))
+        k = l2norm(_heads(conv("k", self.k_conv, self.k_proj(x)), h))
+        v = _heads(conv("v", self.v_conv, self.v_proj(x)), h)
+        return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x))}
+
+    def _output(self, o, x, extras):
+        return self.o_proj(self.o_norm(o).reshape(o.shape[:2] + (-1,)))
+
+
+def gdn_gate_init(rngs: nnx.Rngs, n: int):
+    """FLA's GDN gate parameters: ``A ~ U(0, 16)`` stored as ``A_log``; ``dt`` log-uniform in
+    [1e-3, 0.1] (floor 1e-4) stored as its inverse softplus ``dt_bias``."""
+    a = jax.random.uniform(rngs.params(), (n,), F32, 0.0, 16.0)
+    u = jax.random.uniform(rngs.params(), (n,), F32)
+    dt = jnp.maximum(jnp.exp(u * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)), 1e-4)
+    return jnp.log(jnp.maximum(a, 1e-4)), dt + jnp.log(-jnp.expm1(-dt))
+
+
+def gdn_gate(a, A_log, dt_bias):
+    """``g = -exp(A_log) * softplus(a + dt_bias)`` in float32."""
+    return -jnp.exp(A_log) * jax.nn.softplus(a.astype(F32) + dt_bias)
+
+
+class GatedDeltaNet(DeltaNet):
+    """Gated DeltaNet: DeltaNet plus the decay ``g = -exp(A_log) softplus(a_proj x + dt_bias)``,
+    value dim ``gdn_expand_v * head``, and an output gate into a per-head gated RMSNorm."""
+
+    family = "gated_delta_rule"
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
+        h, d = cfg.num_heads, cfg.head_size
+        dv = d * cfg.gdn_expand_v
+        self.num_heads, self.chunk_size, self.neg = h, cfg.chunk_size, cfg.allow_neg_eigval
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
+        self.v_proj = dense(cfg.d_model, h * dv, ("embed", "heads"), rngs)
+        self.a_proj = dense(cfg.d_model, h, ("embed", "heads"), rngs)
+        self.b_proj = dense(cfg.d_model, h, ("embed", "heads"), rngs)
+        A_log, dt_bias = gdn_gate_init(rngs, h)
+        self.A_log, self.dt_bias = param(A_log, "heads"), param(dt_bias, "heads")
+        self.q_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
+        self.k_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
+        self.v_conv = _conv_or_none(cfg.conv_size, h * dv, rngs)
+        self.g_proj = dense(cfg.d_model, h * dv, ("embed", "heads"), rngs)
+        self.o_norm = GatedRMSNorm(dv, cfg.norm_eps)
+        self.o_proj = dense(h * dv, cfg.d_model, ("heads", "embed"), rngs)
+
+    def _project(self, x, ctx, conv):
+        inp = super()._project(x, ctx, conv)
+        inp["g"] = gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])
+        return inp
+
+    def _output(self, o, x, extras):
+        o = self.o_norm(o, _heads(self.g_proj(x), self.num_heads))
+        return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
