@@ -17,7 +17,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
@@ -25,8 +24,11 @@ from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_co
 from experiments.metrics import MetricsWriter, plot_loss
 from experiments.optimizers import make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
+import optim
 from experiments.configs.presets import apply_preset
 from models import ModelConfig, count_params, generate
+from parallelism import mesh as pmesh
+from parallelism import rules as prules
 
 
 def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
@@ -34,17 +36,18 @@ def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
     return ModelConfig.from_dict(apply_preset(section.to_dict(), base=ModelConfig().to_dict()))
 
 
-def data_mesh(num_devices: int, batch_size: int) -> jax.sharding.Mesh:
-    """A 1-D ``data`` mesh over the first ``num_devices`` devices (all for -1)."""
-    available = jax.device_count()
-    n = available if num_devices == -1 else num_devices
-    if not 1 <= n <= available:
-        raise ValueError(f"mesh.data = {num_devices} devices requested, {available} available")
-    if batch_size % n:
-        raise ValueError(f"data.batch_size = {batch_size} must be divisible by the {n} devices of the "
-                         "data axis (set --config.mesh.data to a divisor)")
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+def data_mesh(mesh_config, batch_size: int, seq_len: int | None = None) -> jax.sharding.Mesh:
+    """The ``(data, fsdp, sequence, tensor)`` mesh of ``config.mesh`` (see ``parallelism.mesh``).
+
+    ``mesh_config`` is the config's mesh section (axis sizes, -1 = fill; ``attention`` is read by
+    the trainer, not here) or, as before, an int: the number of devices on the data axis.
+    """
+    if isinstance(mesh_config, int):
+        mesh_config = {"data": mesh_config}
+    sizes = {a: mesh_config[a] for a in pmesh.AXES if a in mesh_config}
+    mesh = pmesh.make_mesh(sizes)
+    prules.check_batch_divisible(mesh, batch_size, seq_len)
+    return mesh
 
 
 class _StopRequest:
@@ -86,11 +89,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     val_batches = eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches)
 
     tx = make_optimizer(config.optim, t.steps)
-    graphdef, state = init_state(model_cfg, tx, config.seed)
-    mesh = data_mesh(config.mesh.data, d.batch_size)
-    replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, P("data"))
-    state = jax.device_put(state, replicated)
+    mesh = data_mesh(config.mesh, d.batch_size, d.seq_len)
+    # parameters and optimizer state are created already sharded by the logical-axis rules
+    graphdef, state, state_shardings = prules.create_sharded(
+        lambda: init_state(model_cfg, tx, config.seed), mesh)
+    batch_sharding = prules.batch_sharding(mesh)
+    attention = config.mesh.get("attention", "ring")   # softmax layers under sequence sharding
 
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
     start = checkpointer.latest_step()
@@ -101,10 +105,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     write_config(workdir, config_dict)
     print(f"model: {count_params(nnx.merge(graphdef, state.params)):,} parameters, layers "
           f"{','.join(model_cfg.layer_kinds)}; "
-          f"{jax.device_count()} device(s), data axis {mesh.shape['data']}; corpus {corpus.describe()}")
+          f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}; corpus {corpus.describe()}")
+    print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, state.params))}")
 
-    train_step = make_train_step(graphdef, tx)
-    eval_step = make_eval_step(graphdef)
+    train_step = prules.shard_step(make_train_step(graphdef, tx, donate=False), mesh, state_shardings,
+                                   batch_sharding, sequence_axis="sequence", attention=attention)
+    eval_step = prules.in_sequence_parallel(make_eval_step(graphdef), mesh, "sequence", attention)
     writer = MetricsWriter(workdir)
     tokens_per_step = d.batch_size * d.seq_len
     step = int(state.step)
@@ -148,17 +154,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     plot_loss(writer.path, f"{workdir}/loss.png")
     summary = {"step": step, **last}
     if step >= t.steps and t.sample_tokens > 0:
-        summary["sample"] = sample_text(graphdef, state.params, t, d.seq_len, config.seed)
+        summary["sample"] = sample_text(graphdef, state.params, t, config.seed)
         print(f"--- sample ({t.sample_tokens} bytes, temperature {t.sample_temperature}) ---")
         print(t.sample_prompt + summary["sample"])
         print("---")
     return summary
 
 
-def sample_text(graphdef, params, t: ml_collections.ConfigDict, window: int, seed: int) -> str:
+def sample_text(graphdef, params, t: ml_collections.ConfigDict, seed: int) -> str:
     tokenizer = ByteTokenizer()
     prompt = tokenizer.encode(t.sample_prompt)[None].astype(np.int32)
     model = nnx.merge(graphdef, jax.device_get(params))
     tokens = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                      rng=jax.random.key(seed), window=window)
+                      rng=jax.random.key(seed))
     return tokenizer.decode(np.asarray(tokens[0]))

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib
 
-import jax
 import jax.numpy as jnp
 
 LINEAR_FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")

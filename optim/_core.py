@@ -4,7 +4,7 @@ the norm-growth limiter, per-leaf plumbing and the AdamW branch."""
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,7 @@ Each method wraps this with its own NamedTuple state class.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp

@@ -43,7 +43,6 @@ import jax.numpy as jnp
 import optax
 
 from optim import _core, _lowrank
-from optim import projection as proj_lib
 from optim.galore import check_common
 from optim.masking import MaskOrFn
 
