@@ -32,8 +32,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.path = "shakespeare"      # the embedded default, or a file, folder or glob of text
     c.data.val_fraction = 0.05       # tail of every document held out for validation
-    c.data.seq_len = 128
-    c.data.batch_size = 32
+    c.data.seq_len = 256
+    c.data.batch_size = 16
 
     # Every models.ModelConfig field is listed, so any of them can be set by flag; `preset`
     # (experiments/configs/presets.py) switches the mixer family, e.g. --config.model.preset=gdn.
@@ -63,13 +63,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.scale = -1.0             # low-rank optimizers; < 0 keeps the method default
 
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 1200
+    c.train.steps = 1000
     c.train.log_every = 25
-    c.train.eval_every = 300
+    c.train.eval_every = 250
     c.train.eval_batches = 8
-    c.train.checkpoint_every = 300
+    c.train.checkpoint_every = 250
     c.train.keep_checkpoints = 3
-    c.train.sample_tokens = 300
+    c.train.sample_tokens = 240     # stays within seq_len: the model never saw longer contexts
     c.train.sample_prompt = "ROMEO:\n"
     c.train.sample_temperature = 0.8
 
