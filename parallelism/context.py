@@ -6,6 +6,10 @@
 Mixer layers call :func:`current_sequence_sharding` at trace time; when it returns a value they
 run their op sequence-parallel (LASP-2 for linear layers, ring / Ulysses / all-gather attention
 for softmax layers) instead of the single-device op.
+
+The context is read when a function is *traced*, and ``jax.jit`` caches traces without regard to
+it: a function first traced outside the context is silently reused inside it. Jit a fresh
+function inside the context (``parallelism.rules.shard_step`` and ``in_sequence_parallel`` do).
 """
 
 from __future__ import annotations
