@@ -422,13 +422,10 @@ def test_default_mask_sends_too_small_matrices_to_adamw():
 
 
 def test_default_mask_on_models_language_model():
-  try:
-    from flax import nnx
-    from models import LanguageModel, ModelConfig
-    model = LanguageModel(ModelConfig(d_model=32, num_layers=1, pattern="E", num_heads=2),
-                          nnx.Rngs(0))
-  except Exception as e:  # the models package is developed in parallel
-    pytest.skip(f"models.LanguageModel unavailable: {e!r}")
+  from flax import nnx
+  from models import LanguageModel, ModelConfig
+  model = LanguageModel(ModelConfig(d_model=32, num_layers=1, pattern="E", num_heads=2),
+                        nnx.Rngs(0))
   params = nnx.state(model, nnx.Param)
   flat = {"/".join(optim.masking.path_names(p)): v for p, v in
           jax.tree_util.tree_flatten_with_path(optim.default_projection_mask(params))[0]}

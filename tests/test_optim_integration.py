@@ -54,8 +54,7 @@ def test_orbax_roundtrip_mid_period(tmp_path, name, kw):
 
 @pytest.mark.parametrize("name,kw", FAST_SHARD)
 def test_fsdp_sharded_update_equals_unsharded(name, kw):
-  if jax.device_count() < 8:
-    pytest.skip("needs 8 (simulated) devices from tests/conftest.py")
+  assert jax.device_count() == 8, "tests/conftest.py provides 8 simulated devices"
   mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
   params, *grads = _trees(4, seed=1)
   tx = optim.from_config(name, 0.01, update_proj_gap=2, **kw)
