@@ -80,9 +80,6 @@ class Checkpointer:
                 "saved with.") from e
         return restored.state, restored.data
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

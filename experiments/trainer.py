@@ -39,11 +39,8 @@ def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
 def data_mesh(mesh_config, batch_size: int, seq_len: int | None = None) -> jax.sharding.Mesh:
     """The ``(data, fsdp, sequence, tensor)`` mesh of ``config.mesh`` (see ``parallelism.mesh``).
 
-    ``mesh_config`` is the config's mesh section (axis sizes, -1 = fill; ``attention`` is read by
-    the trainer, not here) or, as before, an int: the number of devices on the data axis.
+    ``mesh_config`` holds the axis sizes (-1 = fill); its ``attention`` key is read by the trainer.
     """
-    if isinstance(mesh_config, int):
-        mesh_config = {"data": mesh_config}
     sizes = {a: mesh_config[a] for a in pmesh.AXES if a in mesh_config}
     mesh = pmesh.make_mesh(sizes)
     prules.check_batch_divisible(mesh, batch_size, seq_len)

@@ -61,7 +61,6 @@ def test_trainer_mesh_section_defaults_and_errors():
     assert (c.mesh.data, c.mesh.fsdp, c.mesh.sequence, c.mesh.tensor) == (-1, 1, 1, 1)
     mesh = data_mesh(c.mesh, 32, 128)
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "sequence": 1, "tensor": 1}
-    assert dict(data_mesh(2, 8).shape)["data"] == 2                 # the old int form
     c.mesh.data, c.mesh.sequence = 2, 4
     assert dict(data_mesh(c.mesh, 32, 128).shape)["sequence"] == 4
     with pytest.raises(ValueError, match="seq_len = 130 must be divisible by the sequence axis size 4"):

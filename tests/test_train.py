@@ -201,3 +201,22 @@ def test_low_rank_optimizer_by_config_prints_its_state_memory(text_file, tmp_pat
     losses = train_losses(tmp_path)
     assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 1.0
     assert np.isfinite(summary["val_loss"])
+
+
+def test_sigterm_saves_a_checkpoint_before_exiting(text_file, tmp_path):
+    c = tiny_config(text_file, steps=100_000)
+    c.train.checkpoint_every = 100_000           # only the stop request can save
+    cmd = [sys.executable, "-m", "experiments.train", f"--config={CONFIG}", f"--workdir={tmp_path}",
+           *overrides(c)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(train_losses(tmp_path)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:] if proc.poll() else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+    assert len(saved) == 1 and 3 <= saved[0] < 100_000
+    assert f"stopped at step {saved[0]}; checkpoint saved" in out + err
