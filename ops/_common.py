@@ -187,6 +187,23 @@ def from_chunks(xc: Array, plan: ChunkPlan) -> Array:
     return out.at[rows, target].set(flat, mode="drop")
 
 
+def vary_like(x: Array, refs) -> Array:
+    """``x`` typed as varying over every mesh axis that some leaf of ``refs`` varies over.
+
+    Inside ``shard_map(check_vma=True)`` a ``lax.scan`` carry seeded with fresh zeros is typed
+    replicated while the body's output varies per device, which the type check rejects. Outside
+    ``shard_map`` (or with ``check_vma=False``) nothing varies and ``x`` comes back unchanged.
+    """
+    missing = frozenset().union(*(_varying_axes(r) for r in jax.tree.leaves(refs))) - _varying_axes(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
+
+
+def _varying_axes(x) -> frozenset:
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)            # jax 0.10: aval.mat.varying; older and newer: aval.vma
+    return frozenset(getattr(mat, "varying", None) or getattr(aval, "vma", None) or ())
+
+
 def scan_chunks(step: Callable, plan: ChunkPlan, xs, initial_state: Array | None,
                 state_shape: tuple[int, ...]):
     """Runs ``step`` over the chunk axis, resetting the state at every sequence start.
@@ -206,6 +223,7 @@ def scan_chunks(step: Callable, plan: ChunkPlan, xs, initial_state: Array | None
     R = plan.first.shape[0]
     n = plan.num_seqs
     h0 = jnp.zeros((n,) + state_shape, jnp.float32) if initial_state is None else initial_state
+    h0 = vary_like(h0, xs)
     h0_pad = jnp.concatenate([h0, jnp.zeros((1,) + state_shape, jnp.float32)])  # row n: unused slots
     expand = (slice(None),) + (None,) * len(state_shape)
 
@@ -216,7 +234,7 @@ def scan_chunks(step: Callable, plan: ChunkPlan, xs, initial_state: Array | None
         return new_state, (y, state, new_state)
 
     move = lambda a: jnp.moveaxis(a, 1, 0)
-    init = jnp.zeros((R,) + state_shape, jnp.float32)
+    init = vary_like(jnp.zeros((R,) + state_shape, jnp.float32), xs)
     _, (ys, incoming, outgoing) = jax.lax.scan(
         body, init, (move(plan.first), move(plan.seq), jax.tree.map(move, xs)))
     ys = jax.tree.map(move, ys)
@@ -263,6 +281,7 @@ def scan_tokens(step: Callable, segments: TokenSegments, xs, initial_state: Arra
     n = segments.num_seqs
     R = segments.seq.shape[0]
     h0 = jnp.zeros((n,) + state_shape, jnp.float32) if initial_state is None else initial_state
+    h0 = vary_like(h0, xs)
     expand = (slice(None),) + (None,) * len(state_shape)
     begin, finish = (segments.end, segments.start) if reverse else (segments.start, segments.end)
 
@@ -273,7 +292,7 @@ def scan_tokens(step: Callable, segments: TokenSegments, xs, initial_state: Arra
         return new_state, (y, new_state)
 
     move = lambda a: jnp.moveaxis(a, 1, 0)
-    init = jnp.zeros((R,) + state_shape, jnp.float32)
+    init = vary_like(jnp.zeros((R,) + state_shape, jnp.float32), xs)
     _, (ys, states) = jax.lax.scan(
         body, init, (move(begin), move(segments.seq), jax.tree.map(move, xs)), reverse=reverse)
     ys = jax.tree.map(move, ys)

@@ -46,9 +46,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.sharding import PartitionSpec as P
 
+from ops import _common as cm
 from parallelism import rules as _rules
 
 FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
@@ -133,8 +133,6 @@ def _normalized_linear_attn(q, k, v, mesh, axis_name, output_final_state, kw):
 
 
 def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
-    from ops import _common as cm
-
     B, T, H, K, V = cm.check_qkv(q, k, v, allow_grouped_values=family == "gated_delta_rule")
     HV = v.shape[2]
     Tl = check_sequence_split(T, mesh, axis_name)
@@ -174,31 +172,12 @@ def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
 
     final_spec = P(None if packed else b, h, None, None)
     out_specs = (tok, final_spec if output_final_state else P())
-    try:
-        body = _make_body(family, W, Tl, N, axis_name, packed, output_final_state, scale, static, True)
-        o, final = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs,
-                                 check_vma=True)(arrays)
-    except TypeError as err:
-        # A local op whose lax.scan starts from a fresh jnp.zeros carry (typed replicated) while
-        # its body yields device-varying values fails shard_map's type check; the computation is
-        # still correct, so run that op unchecked (see _VMA_FALLBACK).
-        if "manual axis types do not match" not in str(err):
-            raise
-        if family not in _VMA_FALLBACK:
-            _VMA_FALLBACK.add(family)
-            logging.warning("lasp2(%r): the local op is not vma-typed (%s); using check_vma=False",
-                            family, str(err).splitlines()[0])
-        body = _make_body(family, W, Tl, N, axis_name, packed, output_final_state, scale, static, False)
-        o, final = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs,
-                                 check_vma=False)(arrays)
+    body = _make_body(family, W, Tl, N, axis_name, packed, output_final_state, scale, static)
+    o, final = jax.shard_map(body, mesh=mesh, in_specs=(specs,), out_specs=out_specs, check_vma=True)(arrays)
     return o, (final if output_final_state else None)
 
 
-_VMA_FALLBACK: set[str] = set()
-"""Families whose local op needed ``check_vma=False`` (their scan carries start from plain zeros)."""
-
-
-def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static, vma):
+def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static):
     delta = family in DELTA_FAMILIES
     op = _op(family)
 
@@ -235,7 +214,7 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
             eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (Nl, HVl, K, K))
             init1 = jnp.concatenate([init1, jnp.where(sel(crosses), eye, 0.0)], -1)
             v1 = jnp.concatenate([v.astype(jnp.float32), jnp.zeros(v.shape[:3] + (K,), jnp.float32)], -1)
-        init1 = _vary_like(init1, q)
+        init1 = cm.vary_like(init1, q)
         o1, fin1 = op(q, k, v1, **gates, scale=scale, initial_state=init1, output_final_state=True,
                       cu_seqlens=local_cu, **static)
 
@@ -263,7 +242,7 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
             S_send = S_loc                                                        # [Nl, HV, K, V]
 
         # ---- the one all-gather
-        A_all_r, S_all_r = _all_gather_packed((A, S_send), axis, invariant=vma and output_final_state)
+        A_all_r, S_all_r = _all_gather_packed((A, S_send), axis, invariant=output_final_state)
 
         # ---- prefix fold over ranks (static loop), every prefix kept for the final states
         apply = _apply_transition(delta)
@@ -286,7 +265,7 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
         # ---- output: additive correction (decays) or re-run from S_in (delta rules)
         if delta:
             S_in_n = jnp.broadcast_to(S_in, (Nl,) + S_in.shape[1:]) if packed else S_in
-            init2 = _vary_like(jnp.where(sel(crosses), S_in_n, h0), q)
+            init2 = cm.vary_like(jnp.where(sel(crosses), S_in_n, h0), q)
             o, _ = op(q, k, v, **gates, scale=scale, initial_state=init2, output_final_state=False,
                       cu_seqlens=local_cu, **static)
         else:
@@ -313,16 +292,6 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
         return o, final
 
     return body
-
-
-def _vary_like(x, like):
-    """Marks ``x`` device-varying over every mesh axis ``like`` varies over (shard_map vma types),
-    so a local op's scan carry seeded with ``x`` has the type of its body's output."""
-    try:
-        missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(x).mat.varying))
-    except AttributeError:  # check_vma=False or outside shard_map
-        return x
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _log_decay(family, gates, q):

@@ -184,8 +184,8 @@ def scan_states(step, plan: cm.ChunkPlan, xs, initial_state, state_shape, packed
                                             state_shape)
         return swap(incoming), final
     R = plan.first.shape[0]
-    h0 = (jnp.zeros((R,) + tuple(state_shape), jnp.float32) if initial_state is None
-          else initial_state)
+    h0 = cm.vary_like(jnp.zeros((R,) + tuple(state_shape), jnp.float32) if initial_state is None
+                      else initial_state, xs)
 
     def body(S, x):
         return step(S, x)[0], S
