@@ -87,6 +87,7 @@ class ModelConfig:
     gla_gate_rank: int = 16
     gla_gate_normalizer: float = 16.0
     gdn_expand_v: int = 1                # GDN / MoM value dim = expand_v * head size
+    gdn_num_v_heads: int | None = None   # GDN value heads (a multiple of num_heads; None = num_heads)
     allow_neg_eigval: bool = False       # DeltaNet / GDN / MoM: beta = 2 sigmoid(.)
     mom_num_memories: int = 4
     mom_topk: int = 2
@@ -101,7 +102,7 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive int, got {value!r}")
-        for name in ("head_dim", "num_kv_heads", "mlp_hidden", "hedgehog_dim"):
+        for name in ("head_dim", "num_kv_heads", "mlp_hidden", "hedgehog_dim", "gdn_num_v_heads"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"model.{name} must be a positive int or None, got {value!r}")
@@ -115,6 +116,9 @@ class ModelConfig:
         if self.num_layers % len(kinds):
             raise ValueError(f"model.num_layers = {self.num_layers} must be a multiple of the pattern "
                              f"length {len(kinds)} (pattern {self.pattern!r})")
+        if self.gdn_num_v_heads is not None and self.gdn_num_v_heads % self.num_heads:
+            raise ValueError(f"model.gdn_num_v_heads = {self.gdn_num_v_heads} must be a multiple of "
+                             f"model.num_heads = {self.num_heads} (each key head serves a group of value heads)")
         kv = self.kv_heads
         if self.num_heads % kv:
             raise ValueError(f"model.num_kv_heads = {kv} must divide model.num_heads = {self.num_heads}")

@@ -44,7 +44,22 @@ def jit_method(module, name, **static):
 @pytest.mark.parametrize("kind", ALL_KINDS)
 def test_layer_chunk_equals_prefill_then_recurrent_steps(kind):
     cfg = tiny_config("S", num_kv_heads=1, allow_neg_eigval=kind == "deltanet")
-    layer = MIXERS[kind](cfg, nnx.Rngs(0), layer_idx=0)
+    assert_chunk_equals_prefill_then_steps(MIXERS[kind](cfg, nnx.Rngs(0), layer_idx=0), cfg, kind)
+
+
+def test_gdn_with_more_value_heads_than_key_heads():
+    cfg = tiny_config("E", gdn_num_v_heads=4, gdn_expand_v=2)          # 2 key heads, 4 value heads
+    layer = MIXERS["gated_deltanet"](cfg, nnx.Rngs(0))
+    assert_chunk_equals_prefill_then_steps(layer, cfg, "gdn, HV = 4")
+    _, cache = layer.prefill(jnp.ones((3, 5, cfg.d_model)), max_len=5)
+    assert cache["state"].shape == (3, 4, 8, 16)                       # [B, HV, K, V = expand_v * K]
+    d, h, hv, k, dv, conv = 16, 2, 4, 8, 16, 4
+    expected = (d * h * k * 2 + d * hv * dv * 2 + d * hv * 2 + hv * 2 + (h * k * 2 + hv * dv) * conv
+                + dv + hv * dv * d)                                    # q k | v g | a b | A dt | convs | norm | o
+    assert count_params(layer) == expected
+
+
+def assert_chunk_equals_prefill_then_steps(layer, cfg, name):
     B, T, P = 2, 11, 5
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model), jnp.float32)
     full = jit_method(layer, "__call__")(x)
@@ -65,7 +80,7 @@ def test_layer_chunk_equals_prefill_then_recurrent_steps(kind):
 
     inc = incremental(state, x)
     assert full.shape == (B, T, cfg.d_model) and np.all(np.isfinite(full))
-    assert rel_rms_error(full, inc) < 1e-4, kind
+    assert rel_rms_error(full, inc) < 1e-4, name
 
 
 def test_short_conv_step_matches_full_and_respects_segments():
@@ -271,6 +286,7 @@ def test_mom_aux_loss_is_returned_and_trains_the_router():
     ({"num_kv_heads": 3}, "model.num_kv_heads"),
     ({"feature_map": "cosine"}, "model.feature_map"),
     ({"conv_size": -1}, "model.conv_size"),
+    ({"gdn_num_v_heads": 3}, "model.gdn_num_v_heads"),
     ({"mom_topk": 9}, "model.mom_topk"),
     ({"lightning_decay": "linear"}, "model.lightning_decay"),
     ({"head_dim": 7, "pattern": "S", "num_layers": 1}, "model.head_dim"),

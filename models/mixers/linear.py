@@ -347,33 +347,41 @@ def gdn_gate(a, A_log, dt_bias):
 
 class GatedDeltaNet(DeltaNet):
     """Gated DeltaNet: DeltaNet plus the decay ``g = -exp(A_log) softplus(a_proj x + dt_bias)``,
-    value dim ``gdn_expand_v * head``, and an output gate into a per-head gated RMSNorm."""
+    value dim ``gdn_expand_v * head``, and an output gate into a per-head gated RMSNorm.
+
+    With ``gdn_num_v_heads = HV > num_heads`` (as in Qwen3-Next) each key head is shared by
+    ``HV / num_heads`` value heads, each with its own gate, beta and ``[K, V]`` state."""
 
     family = "gated_delta_rule"
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
         h, d = cfg.num_heads, cfg.head_size
+        hv = cfg.gdn_num_v_heads or h
         dv = d * cfg.gdn_expand_v
-        self.num_heads, self.chunk_size, self.neg = h, cfg.chunk_size, cfg.allow_neg_eigval
+        self.num_heads, self.num_v_heads = h, hv
+        self.chunk_size, self.neg = cfg.chunk_size, cfg.allow_neg_eigval
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.v_proj = dense(cfg.d_model, h * dv, ("embed", "heads"), rngs)
-        self.a_proj = dense(cfg.d_model, h, ("embed", "heads"), rngs)
-        self.b_proj = dense(cfg.d_model, h, ("embed", "heads"), rngs)
-        A_log, dt_bias = gdn_gate_init(rngs, h)
+        self.v_proj = dense(cfg.d_model, hv * dv, ("embed", "heads"), rngs)
+        self.a_proj = dense(cfg.d_model, hv, ("embed", "heads"), rngs)
+        self.b_proj = dense(cfg.d_model, hv, ("embed", "heads"), rngs)
+        A_log, dt_bias = gdn_gate_init(rngs, hv)
         self.A_log, self.dt_bias = param(A_log, "heads"), param(dt_bias, "heads")
         self.q_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
         self.k_conv = _conv_or_none(cfg.conv_size, h * d, rngs)
-        self.v_conv = _conv_or_none(cfg.conv_size, h * dv, rngs)
-        self.g_proj = dense(cfg.d_model, h * dv, ("embed", "heads"), rngs)
+        self.v_conv = _conv_or_none(cfg.conv_size, hv * dv, rngs)
+        self.g_proj = dense(cfg.d_model, hv * dv, ("embed", "heads"), rngs)
         self.o_norm = GatedRMSNorm(dv, cfg.norm_eps)
-        self.o_proj = dense(h * dv, cfg.d_model, ("heads", "embed"), rngs)
+        self.o_proj = dense(hv * dv, cfg.d_model, ("heads", "embed"), rngs)
 
     def _project(self, x, ctx, conv):
-        inp = super()._project(x, ctx, conv)
-        inp["g"] = gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])
-        return inp
+        h, hv = self.num_heads, self.num_v_heads
+        q = l2norm(_heads(conv("q", self.q_conv, self.q_proj(x)), h))
+        k = l2norm(_heads(conv("k", self.k_conv, self.k_proj(x)), h))
+        v = _heads(conv("v", self.v_conv, self.v_proj(x)), hv)
+        return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x)),
+                "g": gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])}
 
     def _output(self, o, x, extras):
-        o = self.o_norm(o, _heads(self.g_proj(x), self.num_heads))
+        o = self.o_norm(o, _heads(self.g_proj(x), self.num_v_heads))
         return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
