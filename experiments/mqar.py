@@ -20,14 +20,18 @@ from experiments.tasks.sweeps import mqar_sweep
 MIXERS = flags.DEFINE_list("mixers", ["linear_attn", "based", "retnet", "gla", "deltanet", "gdn", "transformer"],
                            "Model presets (experiments/configs/presets.py) to compare.")
 D_MODELS = flags.DEFINE_list("d_models", ["32", "64", "128"], "Model widths (state size grows with them).")
-VOCAB = flags.DEFINE_integer("vocab_size", 1024, "MQAR vocabulary (keys below V/2, values above).")
+VOCAB = flags.DEFINE_integer("vocab_size", 256, "MQAR vocabulary (keys below V/2, values above).")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Input length.")
-PAIRS = flags.DEFINE_integer("num_pairs", 8, "Key-value pairs per example.")
+PAIRS = flags.DEFINE_integer("num_pairs", 4, "Key-value pairs per example.")
 TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 20_000, "Training examples.")
 TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 1_000, "Test examples.")
 STEPS = flags.DEFINE_integer("steps", 1_500, "Training steps per run.")
-BATCH = flags.DEFINE_integer("batch_size", 64, "Batch size.")
+BATCH = flags.DEFINE_integer("batch_size", 32, "Batch size.")
 LRS = flags.DEFINE_list("learning_rates", ["3e-3"], "Learning rates to sweep; the best test accuracy is kept.")
+WINDOW = flags.DEFINE_integer("window", 16, "Sliding-window size for the presets that have one (based, swa); the "
+                              "presets' 64 would cover the whole default input. --full uses 64 unless this is given.")
+CONV = flags.DEFINE_integer("conv_size", None, "Short-convolution size for the presets that have one (deltanet, gdn: "
+                            "4); 0 removes it, to separate the convolution's help from the recurrence's.")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
 FULL = flags.DEFINE_bool("full", False, "Paper sizes: V=8192, (L, D) = (64,4), (128,8), (256,16); "
                          "batch 256, lr sweep over logspace(-3, -1.5, 4).")
@@ -42,9 +46,13 @@ def main(argv):
     else:
         vocab, settings, batch = VOCAB.value, [(SEQ_LEN.value, PAIRS.value)], BATCH.value
         lrs = [float(x) for x in LRS.value]
+    overrides = {"window": 64 if FULL.value and not flags.FLAGS["window"].present else WINDOW.value}
+    if CONV.value is not None:
+        overrides["conv_size"] = CONV.value
     rows = mqar_sweep(MIXERS.value, [int(d) for d in D_MODELS.value], vocab, settings, STEPS.value, batch, lrs,
-                     TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value)
-    write_results(OUT.value, "mqar", "experiments.mqar", {"vocab_size": vocab, "settings": settings, "rows": rows})
+                     TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value, **overrides)
+    write_results(OUT.value, "mqar", "experiments.mqar", {"vocab_size": vocab, "settings": settings,
+                                                            "model_overrides": overrides, "rows": rows})
     for seq_len, pairs in settings:
         series = {}
         for mixer in MIXERS.value:
@@ -53,7 +61,8 @@ def main(argv):
             series[mixer] = ([p[0] for p in pts], [p[1] for p in pts])
         suffix = "" if len(settings) == 1 else f"_L{seq_len}"
         line_plot(f"{OUT.value}/mqar{suffix}.png", series, "decode state size (floats per sequence)",
-                  "MQAR accuracy", f"MQAR V={vocab} L={seq_len} D={pairs}", logx=True)
+                  "MQAR accuracy", f"MQAR V={vocab} L={seq_len} D={pairs}"
+                  + ("" if CONV.value is None else f", conv_size={CONV.value}"), logx=True)
 
 
 if __name__ == "__main__":

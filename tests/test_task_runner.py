@@ -41,6 +41,9 @@ def test_sweep_functions_return_one_row_per_run():
     rows = mqar_sweep(["linear_attn"], [16], 64, [(16, 2)], steps=3, batch=4, lrs=[1e-3], train_examples=16,
                           test_examples=8, seed=0, log=lambda s: None)
     assert len(rows) == 1 and rows[0]["state_size"] == 2 * 2 * 8 * 8 and 0 <= rows[0]["accuracy"] <= 1
+    rows = mqar_sweep(["swa"], [16], 64, [(16, 2)], steps=1, batch=4, lrs=[1e-3], train_examples=16,
+                      test_examples=8, seed=0, log=lambda s: None, window=4)
+    assert rows[0]["state_size"] == 2 * 2 * 4 * 16                    # the override shrank the preset's window
     rows = state_tracking_sweep(["parity"], ["deltanet_neg"], 8, [8, 12], 16, 1, steps=3, batch=4, lr=1e-3,
                               seeds=[0], test_examples=8, log=lambda s: None)
     assert [r["length"] for r in rows] == [8, 12] and all(-1 <= r["normalized"] <= 1 for r in rows)

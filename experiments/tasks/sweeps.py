@@ -10,8 +10,12 @@ from experiments.tasks.runner import decode_state_size, task_model_config, train
 from experiments.tasks.state_tracking import task_vocab
 
 
-def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print):
-    """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows."""
+def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print,
+               **model_overrides):
+    """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows.
+
+    ``model_overrides`` (for example ``window=16``) replace the presets' values in every model.
+    """
     rows = []
     for seq_len, pairs in settings:
         train = generate_mqar(train_examples, vocab, seq_len, pairs, seed=seed)
@@ -25,7 +29,7 @@ def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examp
 
         for mixer in mixers:
             for d in d_models:
-                cfg = task_model_config(mixer, vocab, d, num_layers=2, num_heads=2)
+                cfg = task_model_config(mixer, vocab, d, num_layers=2, num_heads=2, **model_overrides)
                 best = None
                 for lr in lrs:
                     result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=seed,
