@@ -1,6 +1,6 @@
 r"""LRA ListOps accuracy per mixer.
 
-    python -m experiments.listops                 # CPU default: trees of 32 to 256 tokens, under 30 minutes
+    python -m experiments.listops                 # CPU default: trees of 32 to 256 tokens, about 31 minutes
     python -m experiments.listops --full          # LRA sizes: 500 < length < 2000, 96k training trees
     python -m experiments.listops --mixers=gla,transformer --steps=500
 
@@ -14,7 +14,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.tasks import generate_listops
-from experiments.tasks.report import write_results
+from experiments.tasks.report import bar_plot, write_results
 from experiments.tasks.sweeps import listops_sweep
 
 MIXERS = flags.DEFINE_list("mixers", ["transformer", "linear_attn", "retnet", "gla", "deltanet", "gdn"],
@@ -52,19 +52,8 @@ def main(argv):
     write_results(OUT.value, "listops", "experiments.listops",
                   {"min_length": lo, "max_length": hi, "max_depth": depth, "max_args": args,
                    "majority_class_accuracy": majority, "rows": rows})
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["mixer"] for r in rows], [r["accuracy"] for r in rows])
-    ax.axhline(majority, color="gray", linestyle="--", label="majority class")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"ListOps ({lo} < length < {hi})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(f"{OUT.value}/listops.png", dpi=120)
-    plt.close(fig)
-
+    bar_plot(f"{OUT.value}/listops.png", [r["mixer"] for r in rows], [r["accuracy"] for r in rows],
+             "test accuracy", f"ListOps ({lo} < length < {hi})", baseline=("majority class", majority))
 
 if __name__ == "__main__":
     app.run(main)

@@ -1,7 +1,12 @@
 """The shared task trainer: masked metrics, learning, state-size accounting and the sweep scripts."""
 
+import json
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments.tasks.sweeps import mqar_sweep, state_tracking_sweep
 from experiments.tasks import IGNORE
@@ -47,3 +52,31 @@ def test_sweep_functions_return_one_row_per_run():
     rows = state_tracking_sweep(["parity"], ["deltanet_neg"], 8, [8, 12], 16, 1, steps=3, batch=4, lr=1e-3,
                               seeds=[0], test_examples=8, log=lambda s: None)
     assert [r["length"] for r in rows] == [8, 12] and all(-1 <= r["normalized"] <= 1 for r in rows)
+
+
+SCRIPT_RUNS = {
+    "mqar": (["--mixers=linear_attn,based", "--d_models=16", "--vocab_size=32", "--seq_len=16", "--num_pairs=2",
+              "--train_examples=16", "--test_examples=8", "--steps=2", "--batch_size=4", "--conv_size=0"],
+             ["mqar.png"]),
+    "state_tracking": (["--tasks=parity", "--mixers=deltanet_neg", "--train_length=8", "--test_lengths=8,12",
+                        "--d_model=16", "--steps=2", "--batch_size=4", "--test_examples=8"],
+                       ["state_tracking_parity.png"]),
+    "listops": (["--mixers=linear_attn", "--min_length=8", "--max_length=40", "--max_depth=3", "--max_args=3",
+                 "--train_examples=16", "--test_examples=8", "--d_model=16", "--steps=2", "--batch_size=4"],
+                ["listops.png"]),
+}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPT_RUNS))
+def test_task_scripts_write_results_with_their_command_and_plots(script, tmp_path):
+    args, plots = SCRIPT_RUNS[script]
+    out = subprocess.run([sys.executable, "-m", f"experiments.{script}", *args, f"--out={tmp_path}"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads((tmp_path / f"{script}.json").read_text())
+    assert record["command"].startswith(f"python -m experiments.{script} --") and record["rows"]
+    for plot in plots:
+        assert (tmp_path / plot).stat().st_size > 0
+    if script == "mqar":
+        assert record["model_overrides"] == {"window": 16, "conv_size": 0}
+        assert {r["mixer"] for r in record["rows"]} == {"linear_attn", "based"}

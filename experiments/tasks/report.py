@@ -46,3 +46,20 @@ def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylab
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def bar_plot(path: str, labels: list[str], values: list[float], ylabel: str, title: str,
+             baseline: tuple[str, float] | None = None) -> None:
+    """One bar per label with its value written on top; ``baseline = (name, y)`` draws a dashed line."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    bars = ax.bar(labels, values)
+    ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    if baseline is not None:
+        ax.axhline(baseline[1], color="gray", linestyle="--", label=baseline[0])
+        ax.legend(fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
