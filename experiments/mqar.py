@@ -1,7 +1,8 @@
 r"""MQAR: recall accuracy against decode-state size for every mixer (the Zoology / Based figure).
 
-    python -m experiments.mqar                      # CPU default, about 30 minutes on 2 cores
+    python -m experiments.mqar                      # CPU default, about 32 minutes on 2 cores
     python -m experiments.mqar --full               # the paper's sizes (V=8192, L up to 256)
+    python -m experiments.mqar --conv_hybrid --d_models=64  # a BaseConv layer before every mixer layer
     python -m experiments.mqar --mixers=gdn,transformer --d_models=64 --steps=500
 
 Each mixer preset is trained at several widths; the x-axis is the number of floats the model keeps
@@ -32,6 +33,8 @@ WINDOW = flags.DEFINE_integer("window", 16, "Sliding-window size for the presets
                               "presets' 64 would cover the whole default input. --full uses 64 unless this is given.")
 CONV = flags.DEFINE_integer("conv_size", None, "Short-convolution size for the presets that have one (deltanet, gdn: "
                             "4); 0 removes it, to separate the convolution's help from the recurrence's.")
+CONV_HYBRID = flags.DEFINE_bool("conv_hybrid", False, "Put a BaseConv layer (conv_size taps) before every mixer "
+                                "layer, as Zoology does for every architecture (on by default with --full).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
 FULL = flags.DEFINE_bool("full", False, "Paper sizes: V=8192, (L, D) = (64,4), (128,8), (256,16); "
                          "batch 256, lr sweep over logspace(-3, -1.5, 4).")
@@ -49,6 +52,8 @@ def main(argv):
     overrides = {"window": 64 if FULL.value and not flags.FLAGS["window"].present else WINDOW.value}
     if CONV.value is not None:
         overrides["conv_size"] = CONV.value
+    if CONV_HYBRID.value or (FULL.value and not flags.FLAGS["conv_hybrid"].present):
+        overrides["conv_hybrid"] = True
     rows = mqar_sweep(MIXERS.value, [int(d) for d in D_MODELS.value], vocab, settings, STEPS.value, batch, lrs,
                      TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value, **overrides)
     write_results(OUT.value, "mqar", "experiments.mqar", {"vocab_size": vocab, "settings": settings,
@@ -62,7 +67,8 @@ def main(argv):
         suffix = "" if len(settings) == 1 else f"_L{seq_len}"
         line_plot(f"{OUT.value}/mqar{suffix}.png", series, "decode state size (floats per sequence)",
                   "MQAR accuracy", f"MQAR V={vocab} L={seq_len} D={pairs}"
-                  + ("" if CONV.value is None else f", conv_size={CONV.value}"), logx=True)
+                  + ("" if CONV.value is None else f", conv_size={CONV.value}")
+                  + (", BaseConv hybrids" if CONV_HYBRID.value else ""), logx=True)
 
 
 if __name__ == "__main__":

@@ -28,10 +28,12 @@ from typing import Any, Mapping
 MIXER_LETTERS = {
     "L": "linear_attn", "H": "hedgehog", "B": "based", "R": "retnet", "N": "lightning",
     "G": "gla", "D": "deltanet", "E": "gated_deltanet", "M": "mom", "S": "softmax", "W": "swa",
+    "C": "conv",
 }
 MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softmax",
                  "sliding_window": "swa", "delta_rule": "deltanet",
-                 "gated_delta_rule": "gated_deltanet", "linear": "linear_attn"}
+                 "gated_delta_rule": "gated_deltanet", "linear": "linear_attn",
+                 "baseconv": "conv"}
 MIXER_NAMES = tuple(MIXER_LETTERS.values())
 FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
 LIGHTNING_DECAYS = ("alibi_slopes", "fla_linear")
@@ -78,7 +80,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     window: int = 64                     # SWA: keys per query, including itself
-    conv_size: int = 4                   # short causal conv (DeltaNet, GDN); 0 disables it
+    conv_size: int = 4                   # short causal conv (DeltaNet, GDN, BaseConv); 0 disables it
     hedgehog_dim: int | None = None      # Hedgehog features per half (D'); default head size
     hedgehog_form: str = "fla"
     based_feature_dim: int = 16          # Based: q/k projected to this many dims before Taylor
@@ -113,6 +115,9 @@ class ModelConfig:
             raise ValueError(f"model.num_heads = {self.num_heads} must divide model.d_model = "
                              f"{self.d_model} (or set model.head_dim)")
         kinds = parse_pattern(self.pattern)
+        if "conv" in kinds and self.conv_size < 1:
+            raise ValueError(f"model.conv_size = {self.conv_size}: the BaseConv layers (C) in pattern "
+                             f"{self.pattern!r} need a kernel of at least 1 tap")
         if self.num_layers % len(kinds):
             raise ValueError(f"model.num_layers = {self.num_layers} must be a multiple of the pattern "
                              f"length {len(kinds)} (pattern {self.pattern!r})")

@@ -199,7 +199,7 @@ def test_top_k_one_is_greedy():
 
 @pytest.mark.slow
 def test_cached_generation_every_mixer_in_one_model():
-    model = LanguageModel(tiny_config("LHBRNGDEMSW", num_kv_heads=1), nnx.Rngs(0))
+    model = LanguageModel(tiny_config("LHBRNGDEMSWC", num_kv_heads=1), nnx.Rngs(0))
     prompt = jax.random.randint(jax.random.key(1), (2, 7), 0, 64)
     tokens, logits = generate(model, prompt, 6, temperature=0.0, return_logits=True, prompt_lengths=[7, 3])
     for b, n in enumerate([7, 3]):
@@ -212,7 +212,7 @@ def test_cached_generation_every_mixer_in_one_model():
 # ------------------------------------------------------------------------------------------------
 
 def test_every_parameter_has_logical_axis_names():
-    model = LanguageModel(tiny_config("LHBRNGDEMSW", num_kv_heads=1), nnx.Rngs(0))
+    model = LanguageModel(tiny_config("LHBRNGDEMSWC", num_kv_heads=1), nnx.Rngs(0))
     flat = list(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     assert len(flat) > 50
     for path, var in flat:
@@ -233,6 +233,7 @@ def _hand_count(cfg: ModelConfig, kind: str) -> int:
         "gla": (2 * d * h * hd // 2 + d * h * hd) + (d * 16 + 16 * h * hd // 2 + h * hd // 2)
                + d * h * hd + hd + h * hd * d,                           # qkv, gate W1 W2 b, g, norm, o
         "gated_deltanet": 3 * d * h * hd + 2 * d * h + 2 * h + 3 * 4 * h * hd + d * h * hd + hd + h * hd * d,
+        "conv": 3 * d * d + cfg.conv_size * d,                           # in, gate, o + depthwise taps
     }[kind]
     block = mixer + 2 * d + 3 * d * f
     head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
@@ -240,7 +241,8 @@ def _hand_count(cfg: ModelConfig, kind: str) -> int:
 
 
 @pytest.mark.parametrize("kind,letter,extra", [("linear_attn", "L", {}), ("softmax", "S", {"num_kv_heads": 2}),
-                                               ("gla", "G", {}), ("gated_deltanet", "E", {"tie_embeddings": True})])
+                                               ("gla", "G", {}), ("gated_deltanet", "E", {"tie_embeddings": True}),
+                                               ("conv", "C", {"conv_size": 3})])
 def test_parameter_counts_match_hand_count(kind, letter, extra):
     cfg = ModelConfig(vocab_size=50, d_model=32, num_layers=2, pattern=letter, num_heads=2, **extra)
     model = LanguageModel(cfg, nnx.Rngs(0))
@@ -287,6 +289,7 @@ def test_mom_aux_loss_is_returned_and_trains_the_router():
     ({"feature_map": "cosine"}, "model.feature_map"),
     ({"conv_size": -1}, "model.conv_size"),
     ({"gdn_num_v_heads": 3}, "model.gdn_num_v_heads"),
+    ({"pattern": "CL", "num_layers": 2, "conv_size": 0}, "model.conv_size"),
     ({"mom_topk": 9}, "model.mom_topk"),
     ({"lightning_decay": "linear"}, "model.lightning_decay"),
     ({"head_dim": 7, "pattern": "S", "num_layers": 1}, "model.head_dim"),

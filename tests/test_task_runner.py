@@ -42,6 +42,13 @@ def test_decode_state_size_counts_states_and_caches():
     assert decode_state_size(soft, 100) == 2 * 2 * 100 * 32          # layers * (k, v) * T * d
 
 
+def test_conv_hybrid_puts_a_baseconv_layer_before_every_mixer_layer():
+    cfg = task_model_config("gla", 64, 32, num_layers=2, num_heads=2, conv_size=3, conv_hybrid=True)
+    assert cfg.layer_kinds == ("conv", "gla", "conv", "gla")
+    plain = task_model_config("gla", 64, 32, num_layers=2, num_heads=2)
+    assert decode_state_size(cfg, 100) == decode_state_size(plain, 100) + 2 * 2 * 32    # layers * taps-1 * d
+
+
 def test_sweep_functions_return_one_row_per_run():
     rows = mqar_sweep(["linear_attn"], [16], 64, [(16, 2)], steps=3, batch=4, lrs=[1e-3], train_examples=16,
                           test_examples=8, seed=0, log=lambda s: None)
@@ -56,7 +63,8 @@ def test_sweep_functions_return_one_row_per_run():
 
 SCRIPT_RUNS = {
     "mqar": (["--mixers=linear_attn,based", "--d_models=16", "--vocab_size=32", "--seq_len=16", "--num_pairs=2",
-              "--train_examples=16", "--test_examples=8", "--steps=2", "--batch_size=4", "--conv_size=0"],
+              "--train_examples=16", "--test_examples=8", "--steps=2", "--batch_size=4", "--conv_size=3",
+              "--conv_hybrid"],
              ["mqar.png"]),
     "state_tracking": (["--tasks=parity", "--mixers=deltanet_neg", "--train_length=8", "--test_lengths=8,12",
                         "--d_model=16", "--steps=2", "--batch_size=4", "--test_examples=8"],
@@ -78,5 +86,5 @@ def test_task_scripts_write_results_with_their_command_and_plots(script, tmp_pat
     for plot in plots:
         assert (tmp_path / plot).stat().st_size > 0
     if script == "mqar":
-        assert record["model_overrides"] == {"window": 16, "conv_size": 0}
+        assert record["model_overrides"] == {"window": 16, "conv_size": 3, "conv_hybrid": True}
         assert {r["mixer"] for r in record["rows"]} == {"linear_attn", "based"}

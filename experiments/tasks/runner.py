@@ -103,13 +103,22 @@ def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], 
 
 
 def task_model_config(preset: str, vocab_size: int, d_model: int, num_layers: int = 2, num_heads: int = 2,
-                      **overrides) -> ModelConfig:
-    """A small model of the given preset family sized for a task."""
+                      conv_hybrid: bool = False, **overrides) -> ModelConfig:
+    """A small model of the given preset family sized for a task.
+
+    ``conv_hybrid`` puts a BaseConv layer (pattern letter ``C``, ``conv_size`` taps) before every
+    mixer layer, as Zoology's MQAR sweep does for every architecture; ``num_layers`` counts the
+    mixer layers only.
+    """
     values = {"vocab_size": vocab_size, "d_model": d_model, "num_layers": num_layers, "num_heads": num_heads,
               "preset": preset}
     values = apply_preset(values)                # the preset's pattern and options win here
     values.update(overrides)
-    return ModelConfig.from_dict(values)
+    cfg = ModelConfig.from_dict(values)
+    if conv_hybrid:
+        cfg = dataclasses.replace(cfg, pattern=",".join(f"conv,{kind}" for kind in cfg.layer_kinds),
+                                  num_layers=2 * cfg.num_layers)
+    return cfg
 
 
 def decode_state_size(cfg: ModelConfig, seq_len: int) -> int:

@@ -6,6 +6,7 @@
 
 from models.mixers.attention import SlidingWindowAttention, SoftmaxAttention
 from models.mixers.base import Context, Mixer, make_context
+from models.mixers.conv import BaseConv
 from models.mixers.linear import (GLA, BasedAttention, DeltaNet, GatedDeltaNet, HedgehogAttention,
                                   Lightning, LinearAttention, RecurrentMixer, RetNet)
 from models.mixers.mom import MoM
@@ -14,9 +15,9 @@ MIXERS = {
     "linear_attn": LinearAttention, "hedgehog": HedgehogAttention, "based": BasedAttention,
     "retnet": RetNet, "lightning": Lightning, "gla": GLA, "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet, "mom": MoM, "softmax": SoftmaxAttention,
-    "swa": SlidingWindowAttention,
+    "swa": SlidingWindowAttention, "conv": BaseConv,
 }
 
 __all__ = ["MIXERS", "Mixer", "RecurrentMixer", "Context", "make_context", "LinearAttention",
            "HedgehogAttention", "BasedAttention", "RetNet", "Lightning", "GLA", "DeltaNet",
-           "GatedDeltaNet", "MoM", "SoftmaxAttention", "SlidingWindowAttention"]
+           "GatedDeltaNet", "MoM", "SoftmaxAttention", "SlidingWindowAttention", "BaseConv"]
