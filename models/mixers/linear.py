@@ -305,7 +305,8 @@ class DeltaNet(RecurrentMixer):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
         h, d = cfg.num_heads, cfg.head_size
-        self.num_heads, self.chunk_size, self.neg = h, cfg.chunk_size, cfg.allow_neg_eigval
+        self.num_heads, self.num_v_heads = h, h
+        self.chunk_size, self.neg = cfg.chunk_size, cfg.allow_neg_eigval
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -321,10 +322,10 @@ class DeltaNet(RecurrentMixer):
         return 2.0 * beta if self.neg else beta
 
     def _project(self, x, ctx, conv):
-        h = self.num_heads
+        h, hv = self.num_heads, self.num_v_heads
         q = l2norm(_heads(conv("q", self.q_conv, self.q_proj(x)), h))
         k = l2norm(_heads(conv("k", self.k_conv, self.k_proj(x)), h))
-        v = _heads(conv("v", self.v_conv, self.v_proj(x)), h)
+        v = _heads(conv("v", self.v_conv, self.v_proj(x)), hv)
         return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x))}
 
     def _output(self, o, x, extras):
@@ -375,12 +376,9 @@ class GatedDeltaNet(DeltaNet):
         self.o_proj = dense(hv * dv, cfg.d_model, ("heads", "embed"), rngs)
 
     def _project(self, x, ctx, conv):
-        h, hv = self.num_heads, self.num_v_heads
-        q = l2norm(_heads(conv("q", self.q_conv, self.q_proj(x)), h))
-        k = l2norm(_heads(conv("k", self.k_conv, self.k_proj(x)), h))
-        v = _heads(conv("v", self.v_conv, self.v_proj(x)), hv)
-        return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x)),
-                "g": gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])}
+        inp = super()._project(x, ctx, conv)
+        inp["g"] = gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])
+        return inp
 
     def _output(self, o, x, extras):
         o = self.o_norm(o, _heads(self.g_proj(x), self.num_v_heads))
