@@ -7,6 +7,8 @@ import inspect
 import ml_collections
 import optax
 
+from lolax import optim
+
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of it."""
@@ -17,10 +19,12 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
 
 
 def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> optax.GradientTransformation:
-    if cfg.name == "adamw":
-        return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
-    import optim  # noqa: PLC0415  (optional heavy import only for the low-rank methods)
+    """The optimizer named by ``cfg.name``, from ``lolax.optim.OPTIMIZERS`` (``adamw`` is ``optax.adamw``).
 
+    ``b1``, ``b2`` and ``weight_decay`` go to every constructor that takes them; the shared
+    ``rank``, ``update_proj_gap`` and ``scale`` go to the low-rank methods that take them, and only
+    when >= 0 (a negative value keeps the method's default).
+    """
     if cfg.name not in optim.OPTIMIZERS:
         raise ValueError(f"optim.name = {cfg.name!r} is unknown; expected one of {sorted(optim.OPTIMIZERS)}")
     factory = optim.OPTIMIZERS[cfg.name]

@@ -2,11 +2,11 @@
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> import optim
+  >>> from lolax import optim
   >>> params = {'attn': {'q_proj': {'kernel': jax.ShapeDtypeStruct((64, 128), jnp.float32)}},
   ...           'norm': {'scale': jax.ShapeDtypeStruct((64,), jnp.float32)}}
   >>> b = optim.state_bytes(optim.galore(1e-2, rank=8), params)
-  >>> b['lowrank/mu']['values'], b['lowrank/projector']['values'], b['adamw/mu']['values']
+  >>> b['lowrank/mu']['values'], b['lowrank/projector']['values'], b['adam/mu']['values']
   (1024, 512, 64)
   >>> print(optim.format_state_bytes(b))  # doctest: +SKIP
 """
@@ -23,70 +23,73 @@ STATE_FIELDS = ("mu", "nu", "projector", "history", "prev_norm", "key", "count",
 
 
 def _component(path) -> str:
-  branch, field = None, None
-  for i, k in enumerate(path):
-    prev = path[i - 1] if i else None
-    if (isinstance(k, jax.tree_util.DictKey) and isinstance(prev, jax.tree_util.GetAttrKey)
-        and prev.name == "inner_states"):
-      branch = str(k.key)
-    if isinstance(k, jax.tree_util.GetAttrKey) and k.name in STATE_FIELDS:
-      field = k.name
-  field = field or "other"
-  if field in ("count", "moment_count"):
-    field = "count"
-  return f"{branch}/{field}" if branch else field
+    branch, field = None, None
+    for i, k in enumerate(path):
+        prev = path[i - 1] if i else None
+        if (isinstance(k, jax.tree_util.DictKey) and isinstance(prev, jax.tree_util.GetAttrKey)
+            and prev.name == "inner_states"):
+            branch = str(k.key)
+        if isinstance(k, jax.tree_util.GetAttrKey) and k.name in STATE_FIELDS:
+            field = k.name
+    field = field or "other"
+    if field in ("count", "moment_count"):
+        field = "count"
+    return f"{branch}/{field}" if branch else field
 
 
 def state_bytes(tx: optax.GradientTransformation, params: Any) -> dict[str, Any]:
-  """Bytes and values of ``tx.init(params)``, by component, without allocating.
+    """Bytes and values of ``tx.init(params)``, by component, without allocating.
 
-  ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s. Components are
-  ``'<branch>/<field>'`` (branch ``lowrank``/``adamw`` of the
-  ``optax.partition`` used by every :mod:`optim` alias; field ``mu``, ``nu``,
-  ``projector``, ``history``, ``prev_norm``, ``key``, ``count``). Returns
-  ``{component: {'bytes', 'values', 'leaves'}, 'total': {...}}``.
-  """
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
-  state = jax.eval_shape(tx.init, abstract)
-  out: dict[str, dict[str, int]] = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    c = _component(path)
-    size = int(np.prod(leaf.shape))
-    d = out.setdefault(c, {"bytes": 0, "values": 0, "leaves": 0})
-    d["bytes"] += size * np.dtype(leaf.dtype).itemsize
-    d["values"] += size
-    d["leaves"] += 1
-  out = dict(sorted(out.items()))
-  out["total"] = {k: sum(v[k] for v in out.values()) for k in ("bytes", "values", "leaves")}
-  return out
+    ``params`` may hold arrays or ``jax.ShapeDtypeStruct``s. Components are
+    ``'<branch>/<field>'`` (branch ``lowrank``/``adam`` of the
+    ``optax.partition`` used by every low-rank alias of :mod:`optim`; field
+    ``mu``, ``nu``, ``projector``, ``history``, ``prev_norm``, ``key``,
+    ``count``); a transformation without a partition, such as ``optim.adamw``
+    (``optax.adamw``), gives the bare fields ``mu``, ``nu``, ``count``. Returns
+    ``{component: {'bytes', 'values', 'leaves'}, 'total': {...}}``.
+    """
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
+    state = jax.eval_shape(tx.init, abstract)
+    out: dict[str, dict[str, int]] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        c = _component(path)
+        size = int(np.prod(leaf.shape))
+        d = out.setdefault(c, {"bytes": 0, "values": 0, "leaves": 0})
+        d["bytes"] += size * np.dtype(leaf.dtype).itemsize
+        d["values"] += size
+        d["leaves"] += 1
+    out = dict(sorted(out.items()))
+    out["total"] = {k: sum(v[k] for v in out.values()) for k in ("bytes", "values", "leaves")}
+    return out
 
 
 def param_bytes(params: Any) -> int:
-  """Total bytes of a pytree of arrays / ShapeDtypeStructs."""
-  return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-                 for x in jax.tree.leaves(params)))
+    """Total bytes of a pytree of arrays / ShapeDtypeStructs."""
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(params)))
 
 
 def _human(b: float) -> str:
-  for unit in ("B", "KiB", "MiB", "GiB"):
-    if b < 1024 or unit == "GiB":
-      return f"{b:.2f} {unit}" if unit != "B" else f"{int(b)} B"
-    b /= 1024
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if b < 1024 or unit == "GiB":
+            return f"{b:.2f} {unit}" if unit != "B" else f"{int(b)} B"
+        b /= 1024
 
 
 def format_state_bytes(breakdown: dict[str, Any]) -> str:
-  """A small fixed-width table of :func:`state_bytes` output, for logs."""
-  lines = [f"{'component':<20}{'values':>16}{'bytes':>14}"]
-  for k, v in breakdown.items():
-    if k == "total":
-      continue
-    lines.append(f"{k:<20}{v['values']:>16,}{_human(v['bytes']):>14}")
-  t = breakdown["total"]
-  lines.append(f"{'total':<20}{t['values']:>16,}{_human(t['bytes']):>14}")
-  return "\n".join(lines)
+    """A small fixed-width table of :func:`state_bytes` output, for logs."""
+    lines = [f"{'component':<20}{'values':>16}{'bytes':>14}"]
+    for k, v in breakdown.items():
+        if k == "total":
+            continue
+        lines.append(f"{k:<20}{v['values']:>16,}{_human(v['bytes']):>14}")
+    t = breakdown["total"]
+    lines.append(f"{'total':<20}{t['values']:>16,}{_human(t['bytes']):>14}")
+    return "\n".join(lines)
 
 
-# LLaMA shapes of the GaLore/APOLLO papers (REFERENCE §7.4): (hidden, ffn, heads, layers, rank).
+# LLaMA shapes of the GaLore and APOLLO papers' pre-training runs: (hidden, ffn, heads, layers)
+# and the rank each paper uses at that size.
 LLAMA_CONFIGS = {
     "60M": dict(hidden=512, ffn=1376, heads=8, layers=8, galore_rank=128, apollo_rank=128),
     "130M": dict(hidden=768, ffn=2048, heads=12, layers=12, galore_rank=256, apollo_rank=192),
@@ -98,16 +101,16 @@ LLAMA_CONFIGS = {
 
 def llama_abstract_params(hidden: int, ffn: int, layers: int, vocab: int = 32000,
                           dtype=np.float32, **_) -> dict:
-  """ShapeDtypeStructs of a LLaMA with untied embeddings, Flax ``(in, out)`` kernels and
-  the module names of :mod:`models` (``attn.q_proj``, ``mlp.gate_proj``, ...)."""
-  s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
-  layer = lambda: {
-      "attn": {n: {"kernel": s(hidden, hidden)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-      "mlp": {"gate_proj": {"kernel": s(hidden, ffn)}, "up_proj": {"kernel": s(hidden, ffn)},
-              "down_proj": {"kernel": s(ffn, hidden)}},
-      "attn_norm": {"scale": s(hidden)}, "mlp_norm": {"scale": s(hidden)},
-  }
-  return {"embed": {"embedding": s(vocab, hidden)},
-          "layers": {f"layers_{i}": layer() for i in range(layers)},
-          "norm": {"scale": s(hidden)},
-          "lm_head": {"kernel": s(hidden, vocab)}}
+    """ShapeDtypeStructs of a LLaMA with untied embeddings, Flax ``(in, out)`` kernels and
+    the module names of :mod:`models` (``attn.q_proj``, ``mlp.gate_proj``, ...)."""
+    s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+    layer = lambda: {
+        "attn": {n: {"kernel": s(hidden, hidden)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {"gate_proj": {"kernel": s(hidden, ffn)}, "up_proj": {"kernel": s(hidden, ffn)},
+                "down_proj": {"kernel": s(ffn, hidden)}},
+        "attn_norm": {"scale": s(hidden)}, "mlp_norm": {"scale": s(hidden)},
+    }
+    return {"embed": {"embedding": s(vocab, hidden)},
+            "layers": {f"layers_{i}": layer() for i in range(layers)},
+            "norm": {"scale": s(hidden)},
+            "lm_head": {"kernel": s(hidden, vocab)}}

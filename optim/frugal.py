@@ -18,7 +18,7 @@ GaLore. State per matrix: projector ``d·r`` + moments ``2·r·(other dim)``.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> import optim
+  >>> from lolax import optim
   >>> params = {'mlp': {'up_proj': {'kernel': jnp.ones((8, 16))}}}
   >>> tx = optim.frugal(1e-3, density=0.25)
   >>> state = tx.init(params)   # r = round(0.25 * 8) = 2
@@ -33,17 +33,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _core, _lowrank
-from optim import projection as proj_lib
-from optim.masking import MaskOrFn
+from . import _core, _lowrank
+from . import projection as proj_lib
+from .masking import MaskOrFn
 
 
 class FrugalState(NamedTuple):
-  count: jax.Array
-  moment_count: jax.Array
-  mu: Any
-  nu: Any
-  projector: Any
+    count: jax.Array
+    moment_count: jax.Array
+    mu: Any
+    nu: Any
+    projector: Any
 
 
 def scale_by_frugal(
@@ -63,42 +63,42 @@ def scale_by_frugal(
     seed: int = 0,
     dimension_numbers=None,
 ) -> optax.GradientTransformation:
-  """FRUGAL scaling (see module docstring)."""
-  if rank is not None:
-    _core.check_int("rank", rank)
-  else:
-    _core.check_float("density", density, lo=0.0, hi=1.0, lo_open=True)
-    if not isinstance(density, (int, float)):
-      raise ValueError(f"density={density!r}; expected a static Python float in (0, 1]")
-  _core.check_int("update_proj_gap", update_proj_gap)
-  _core.check_choice("proj_side", proj_side, proj_lib.PROJ_SIDES)
-  _core.check_choice("moment_policy", moment_policy, _core.MOMENT_POLICIES)
-  _core.check_choice("eps_mode", eps_mode, _core.EPS_MODES)
-  _core.check_choice("state_free", state_free, ("sign", "sgd", "none"))
-  _core.check_choice("proj", proj, ("svd", "random"))
-  _core.check_adam(b1, b2, eps)
-  _core.check_float("scale", scale, lo=0.0)
-  _core.check_float("inactive_lr_scale", inactive_lr_scale, lo=0.0)
-
-  def rank_fn(m, n, side):
+    """FRUGAL scaling (see module docstring)."""
     if rank is not None:
-      return rank
-    return max(1, int(round(density * proj_lib.projected_dim(m, n, side))))
+        _core.check_int("rank", rank)
+    else:
+        _core.check_float("density", density, lo=0.0, hi=1.0, lo_open=True)
+        if not isinstance(density, (int, float)):
+            raise ValueError(f"density={density!r}; expected a static Python float in (0, 1]")
+    _core.check_int("update_proj_gap", update_proj_gap)
+    _core.check_choice("proj_side", proj_side, proj_lib.PROJ_SIDES)
+    _core.check_choice("moment_policy", moment_policy, _core.MOMENT_POLICIES)
+    _core.check_choice("eps_mode", eps_mode, _core.EPS_MODES)
+    _core.check_choice("state_free", state_free, ("sign", "sgd", "none"))
+    _core.check_choice("proj", proj, ("svd", "random"))
+    _core.check_adam(b1, b2, eps)
+    _core.check_float("scale", scale, lo=0.0)
+    _core.check_float("inactive_lr_scale", inactive_lr_scale, lo=0.0)
 
-  def combine(ctx, g2, q, r, d, c, ex, first):
-    sub = scale * c * proj_lib.project_back(d, q, ctx.side)
-    if state_free == "none":
-      return sub, ex
-    rest = g2 - proj_lib.project_back(r, q, ctx.side)
-    free = jnp.sign(rest) if state_free == "sign" else rest
-    return sub + inactive_lr_scale * free, ex
+    def rank_fn(m, n, side):
+        if rank is not None:
+            return rank
+        return max(1, int(round(density * proj_lib.projected_dim(m, n, side))))
 
-  return _lowrank.make_lowrank(
-      state_cls=FrugalState, rank_fn=rank_fn, update_proj_gap=update_proj_gap,
-      proj_side=proj_side, projector="svd" if proj == "svd" else "semi_orthogonal",
-      store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
-      moment_policy=moment_policy, combine=combine, seed=seed,
-      dimension_numbers=dimension_numbers)
+    def combine(ctx, g2, q, r, d, c, ex, first):
+        sub = scale * c * proj_lib.project_back(d, q, ctx.side)
+        if state_free == "none":
+            return sub, ex
+        rest = g2 - proj_lib.project_back(r, q, ctx.side)
+        free = jnp.sign(rest) if state_free == "sign" else rest
+        return sub + inactive_lr_scale * free, ex
+
+    return _lowrank.make_lowrank(
+        state_cls=FrugalState, rank_fn=rank_fn, update_proj_gap=update_proj_gap,
+        proj_side=proj_side, projector="svd" if proj == "svd" else "semi_orthogonal",
+        store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
+        moment_policy=moment_policy, combine=combine, seed=seed,
+        dimension_numbers=dimension_numbers)
 
 
 def frugal(
@@ -123,11 +123,11 @@ def frugal(
     seed: int = 0,
     dimension_numbers=None,
 ) -> optax.GradientTransformation:
-  """FRUGAL with AdamW on the non-projected leaves (pre-training: ``inactive_lr_scale=1``)."""
-  return _core.assemble(
-      scale_by_frugal(rank, update_proj_gap, scale, density, state_free, inactive_lr_scale,
-                      proj, proj_side, b1, b2, eps, eps_mode, moment_policy, seed,
-                      dimension_numbers),
-      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+    """FRUGAL with Adam on the non-projected leaves (pre-training: ``inactive_lr_scale=1``)."""
+    return _core.assemble(
+        scale_by_frugal(rank, update_proj_gap, scale, density, state_free, inactive_lr_scale,
+                        proj, proj_side, b1, b2, eps, eps_mode, moment_policy, seed,
+                        dimension_numbers),
+        learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)

@@ -1,4 +1,4 @@
-"""Which parameters are projected (low-rank) and which get plain AdamW.
+"""Which parameters are projected (low-rank) and which get plain Adam (the ``'adam'`` branch).
 
 Default rule (:func:`default_projection_mask`): a leaf is projected iff
 
@@ -10,11 +10,12 @@ Default rule (:func:`default_projection_mask`): a leaf is projected iff
    head (a component containing ``embed``, ``norm`` or ``conv``, or with a
    token in ``{bias, head, lm_head, wte, wpe, ln}``).
 
-In the optimizer aliases, ``projection_mask=None`` additionally sends to AdamW
-the matrices too small for the rank (``min(m, n) < rank``, e.g. a GDN
-``attn/b_proj`` of shape ``(d, heads)``); if that leaves no matrix at all while
-the rule matched some, it raises ``ValueError``. An explicit mask is used as
-given (a too-large rank then raises at ``init``, naming the leaf).
+In the optimizer aliases, ``projection_mask=None`` additionally sends the
+matrices too small for the rank (``min(m, n) < rank``, e.g. a GDN
+``attn/b_proj`` of shape ``(d, heads)``) to the ``'adam'`` branch; if that
+leaves no matrix at all while the rule matched some, it raises ``ValueError``.
+An explicit mask is used as given (a too-large rank then raises at ``init``,
+naming the leaf).
 
 So ``layers/0/attn/q_proj/kernel`` or ``mlp/down_proj/kernel`` are projected;
 ``embed/embedding``, ``norm/scale``, ``lm_head/kernel``, ``attn/q_proj/bias``
@@ -23,7 +24,7 @@ or a function ``params -> pytree of bools``) in any optimizer.
 
 Example:
   >>> import jax.numpy as jnp
-  >>> from optim.masking import default_projection_mask
+  >>> from lolax.optim.masking import default_projection_mask
   >>> p = {'attn': {'q_proj': {'kernel': jnp.ones((4, 4))}},
   ...      'lm_head': {'kernel': jnp.ones((4, 9))}}
   >>> default_projection_mask(p)
@@ -44,76 +45,76 @@ EXCLUDE_TOKENS = frozenset({"bias", "head", "lm_head", "wte", "wpe", "ln"})
 MaskOrFn = Union[None, Any, Callable[[Any], Any]]
 
 LOWRANK = "lowrank"
-ADAMW = "adamw"
+ADAM = "adam"
 
 
 def _key_name(k) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
 
 
 def path_names(path) -> list[str]:
-  """Lower-case string names of the components of a ``jax.tree_util`` key path."""
-  return [_key_name(k).lower() for k in path]
+    """Lower-case string names of the components of a ``jax.tree_util`` key path."""
+    return [_key_name(k).lower() for k in path]
 
 
 def _tokens(name: str) -> set[str]:
-  return set(t for t in re.split(r"[_.\-]", name) if t)
+    return set(t for t in re.split(r"[_.\-]", name) if t)
 
 
 def is_projected_path(names: list[str], ndim: int) -> bool:
-  """The default rule applied to one leaf (``names`` from :func:`path_names`)."""
-  if ndim < 2:
-    return False
-  in_block = any(n in BLOCK_NAMES or (_tokens(n) & BLOCK_NAMES) for n in names)
-  excluded = any(
-      any(s in n for s in EXCLUDE_SUBSTRINGS) or n in EXCLUDE_TOKENS
-      or (_tokens(n) & EXCLUDE_TOKENS) for n in names)
-  return in_block and not excluded
+    """The default rule applied to one leaf (``names`` from :func:`path_names`)."""
+    if ndim < 2:
+        return False
+    in_block = any(n in BLOCK_NAMES or (_tokens(n) & BLOCK_NAMES) for n in names)
+    excluded = any(
+        any(s in n for s in EXCLUDE_SUBSTRINGS) or n in EXCLUDE_TOKENS
+        or (_tokens(n) & EXCLUDE_TOKENS) for n in names)
+    return in_block and not excluded
 
 
 def default_projection_mask(params: Any) -> Any:
-  """Pytree of bools: ``True`` for attention/MLP projection kernels (see module doc)."""
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: is_projected_path(path_names(path), len(getattr(x, "shape", ()))),
-      params)
+    """Pytree of bools: ``True`` for attention/MLP projection kernels (see module doc)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: is_projected_path(path_names(path), len(getattr(x, "shape", ()))),
+        params)
 
 
 def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
-  """``None`` -> default rule; callable -> called on ``params``; else returned as is."""
-  if mask is None:
-    return default_projection_mask(params)
-  if callable(mask):
-    return mask(params)
-  return mask
+    """``None`` -> default rule; callable -> called on ``params``; else returned as is."""
+    if mask is None:
+        return default_projection_mask(params)
+    if callable(mask):
+        return mask(params)
+    return mask
 
 
 def _min_dim(x, dims) -> int:
-  from optim import projection
-  d = dims if (dims is None or isinstance(dims, projection.MatrixDims)) else None
-  v = projection.matrix_view(x.shape, d)
-  return min(v.m, v.n)
+    from . import projection
+    d = dims if (dims is None or isinstance(dims, projection.MatrixDims)) else None
+    v = projection.matrix_view(x.shape, d)
+    return min(v.m, v.n)
 
 
 def labels_fn(mask: MaskOrFn, min_rank: int | None = None, dims=None) -> Callable[[Any], Any]:
-  """Label function for ``optax.partition``: ``'lowrank'`` / ``'adamw'`` per leaf.
+    """Label function for ``optax.partition``: ``'lowrank'`` / ``'adam'`` per leaf.
 
-  With ``mask=None`` and ``min_rank``, default-rule matrices whose matrix view
-  has ``min(m, n) < min_rank`` are labelled ``'adamw'``.
-  """
+    With ``mask=None`` and ``min_rank``, default-rule matrices whose matrix view
+    has ``min(m, n) < min_rank`` are labelled ``'adam'``.
+    """
 
-  def fn(params):
-    m = resolve_mask(mask, params)
-    if mask is None and min_rank is not None:
-      matched = sum(bool(b) for b in jax.tree.leaves(m))
-      m = jax.tree.map(lambda b, x: bool(b) and _min_dim(x, dims) >= min_rank, m, params)
-      if matched and not any(jax.tree.leaves(m)):
-        raise ValueError(
-            f"rank={min_rank} is larger than every matrix the default projection rule "
-            f"selected ({matched} leaves); expected rank <= the smallest dimension of "
-            "the attention/MLP kernels (or pass projection_mask=...)")
-    return jax.tree.map(lambda b: LOWRANK if b else ADAMW, m)
+    def fn(params):
+        m = resolve_mask(mask, params)
+        if mask is None and min_rank is not None:
+            matched = sum(bool(b) for b in jax.tree.leaves(m))
+            m = jax.tree.map(lambda b, x: bool(b) and _min_dim(x, dims) >= min_rank, m, params)
+            if matched and not any(jax.tree.leaves(m)):
+                raise ValueError(
+                    f"rank={min_rank} is larger than every matrix the default projection rule "
+                    f"selected ({matched} leaves); expected rank <= the smallest dimension of "
+                    "the attention/MLP kernels (or pass projection_mask=...)")
+        return jax.tree.map(lambda b: LOWRANK if b else ADAM, m)
 
-  return fn
+    return fn

@@ -17,7 +17,7 @@ State per matrix: GaLore's + ``s·r·(larger dim)`` history values.
 
 Example:
   >>> import jax, jax.numpy as jnp
-  >>> import optim
+  >>> from lolax import optim
   >>> params = {'mlp': {'up_proj': {'kernel': jnp.ones((8, 16))}}}
   >>> tx = optim.natural_galore(1e-2, rank=2, history_size=4)
   >>> state = tx.init(params)
@@ -32,27 +32,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optim import _core, _lowrank
-from optim import projection as proj_lib
-from optim.galore import check_common
-from optim.masking import MaskOrFn
+from . import _core, _lowrank
+from . import projection as proj_lib
+from .galore import check_common
+from .masking import MaskOrFn
 
 
 class NaturalGaLoreState(NamedTuple):
-  count: jax.Array
-  moment_count: jax.Array
-  mu: Any
-  nu: Any
-  projector: Any
-  history: Any
+    count: jax.Array
+    moment_count: jax.Array
+    mu: Any
+    nu: Any
+    projector: Any
+    history: Any
 
 
 def woodbury_inverse_fisher(g: jax.Array, h: jax.Array, damping) -> jax.Array:
-  """``(λI + HᵀH)⁻¹ g`` for ``g`` (k,) and history ``h`` (s, k), float32."""
-  s = h.shape[0]
-  sm = jnp.eye(s, dtype=jnp.float32) + (h @ h.T) / damping
-  z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(sm, lower=True), h @ g)
-  return g / damping - (h.T @ z) / (damping * damping)
+    """``(λI + HᵀH)⁻¹ g`` for ``g`` (k,) and history ``h`` (s, k), float32."""
+    s = h.shape[0]
+    sm = jnp.eye(s, dtype=jnp.float32) + (h @ h.T) / damping
+    z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(sm, lower=True), h @ g)
+    return g / damping - (h.T @ z) / (damping * damping)
 
 
 def scale_by_natural_galore(
@@ -70,32 +70,32 @@ def scale_by_natural_galore(
     seed: int = 0,
     dimension_numbers=None,
 ) -> optax.GradientTransformation:
-  """Natural GaLore scaling (see module docstring)."""
-  check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
-  _core.check_int("history_size", history_size)
-  _core.check_float("damping", damping, lo=0.0, lo_open=True)
-  _core.check_float("scale", scale, lo=0.0)
+    """Natural GaLore scaling (see module docstring)."""
+    check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
+    _core.check_int("history_size", history_size)
+    _core.check_float("damping", damping, lo=0.0, lo_open=True)
+    _core.check_float("scale", scale, lo=0.0)
 
-  def extra_init(ctx, p):
-    shp = (ctx.rank, ctx.view.n) if ctx.side == "left" else (ctx.view.m, ctx.rank)
-    return {"history": jnp.zeros((history_size,) + shp, p.dtype)}
+    def extra_init(ctx, p):
+        shp = (ctx.rank, ctx.view.n) if ctx.side == "left" else (ctx.view.m, ctx.rank)
+        return {"history": jnp.zeros((history_size,) + shp, p.dtype)}
 
-  def precondition(ctx, r, ex, count):
-    h = ex["history"]
-    h = jax.lax.dynamic_update_index_in_dim(h, r.astype(h.dtype), count % history_size, 0)
-    hf = h.reshape(history_size, -1).astype(jnp.float32)
-    gt = woodbury_inverse_fisher(r.reshape(-1).astype(jnp.float32), hf, damping)
-    return gt.reshape(r.shape), {"history": h}
+    def precondition(ctx, r, ex, count):
+        h = ex["history"]
+        h = jax.lax.dynamic_update_index_in_dim(h, r.astype(h.dtype), count % history_size, 0)
+        hf = h.reshape(history_size, -1).astype(jnp.float32)
+        gt = woodbury_inverse_fisher(r.reshape(-1).astype(jnp.float32), hf, damping)
+        return gt.reshape(r.shape), {"history": h}
 
-  def combine(ctx, g2, q, r, d, c, ex, first):
-    return scale * c * proj_lib.project_back(d, q, ctx.side), ex
+    def combine(ctx, g2, q, r, d, c, ex, first):
+        return scale * c * proj_lib.project_back(d, q, ctx.side), ex
 
-  return _lowrank.make_lowrank(
-      state_cls=NaturalGaLoreState, rank_fn=lambda m, n, side: rank,
-      update_proj_gap=update_proj_gap, proj_side=proj_side, projector="svd",
-      store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
-      moment_policy=moment_policy, combine=combine, extra_init=extra_init,
-      precondition=precondition, seed=seed, dimension_numbers=dimension_numbers)
+    return _lowrank.make_lowrank(
+        state_cls=NaturalGaLoreState, rank_fn=lambda m, n, side: rank,
+        update_proj_gap=update_proj_gap, proj_side=proj_side, projector="svd",
+        store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
+        moment_policy=moment_policy, combine=combine, extra_init=extra_init,
+        precondition=precondition, seed=seed, dimension_numbers=dimension_numbers)
 
 
 def natural_galore(
@@ -118,10 +118,10 @@ def natural_galore(
     seed: int = 0,
     dimension_numbers=None,
 ) -> optax.GradientTransformation:
-  """Natural GaLore with AdamW on the non-projected leaves."""
-  return _core.assemble(
-      scale_by_natural_galore(rank, update_proj_gap, scale, history_size, damping, proj_side,
-                              b1, b2, eps, eps_mode, moment_policy, seed, dimension_numbers),
-      learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+    """Natural GaLore with Adam on the non-projected leaves."""
+    return _core.assemble(
+        scale_by_natural_galore(rank, update_proj_gap, scale, history_size, damping, proj_side,
+                                b1, b2, eps, eps_mode, moment_policy, seed, dimension_numbers),
+        learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
+        weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)

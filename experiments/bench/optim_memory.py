@@ -1,8 +1,10 @@
-"""Optimizer-state memory of the LLaMA configs of the GaLore paper (REFERENCE §7.4).
+"""Optimizer-state memory of the LLaMA configs of the GaLore paper (60M to 7B, untied embeddings).
 
 Counts come from ``optim.state_bytes`` (``jax.eval_shape`` of ``tx.init``: exact,
-nothing allocated), next to the per-matrix formulas of REFERENCE §4.1
-(``W`` ``m × n``, ``m <= n``, rank ``r``).
+nothing allocated), next to the per-matrix state formula of each method
+(``W`` ``m × n``, ``m <= n``, rank ``r``). The ``AdamW`` row is ``optim.adamw``
+(``optax.adamw``); in the low-rank rows the leaves that are not projected keep
+full Adam moments in the aliases' ``'adam'`` branch (the "other (Adam)" column).
 
     .venv/bin/python experiments/bench/optim_memory.py [--dtype bfloat16] [--markdown PATH]
 """
@@ -19,8 +21,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import optim  # noqa: E402
-from optim.accounting import LLAMA_CONFIGS, llama_abstract_params  # noqa: E402
+from lolax import optim  # noqa: E402
+from lolax.optim.accounting import LLAMA_CONFIGS, llama_abstract_params  # noqa: E402
 
 FORMULAS = {
     "AdamW": "2mn",
@@ -33,68 +35,68 @@ FORMULAS = {
 
 
 def optimizers(cfg):
-  gr, ar = cfg["galore_rank"], cfg["apollo_rank"]
-  return {
-      "AdamW": optim.adamw(1e-2),
-      "GaLore (std)": optim.galore(1e-2, rank=gr),
-      "APOLLO": optim.apollo(1e-2, rank=ar),
-      "APOLLO-Mini": optim.apollo_mini(1e-2),
-      "Fira": optim.fira(1e-2, rank=gr),
-      "FRUGAL (rho=0.25)": optim.frugal(1e-2, density=0.25),
-  }
+    gr, ar = cfg["galore_rank"], cfg["apollo_rank"]
+    return {
+        "AdamW": optim.adamw(1e-2),
+        "GaLore (std)": optim.galore(1e-2, rank=gr),
+        "APOLLO": optim.apollo(1e-2, rank=ar),
+        "APOLLO-Mini": optim.apollo_mini(1e-2),
+        "Fira": optim.fira(1e-2, rank=gr),
+        "FRUGAL (rho=0.25)": optim.frugal(1e-2, density=0.25),
+    }
 
 
 def table(dtype=jnp.float32):
-  rows = []
-  for size, cfg in LLAMA_CONFIGS.items():
-    params = llama_abstract_params(dtype=dtype, **cfg)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-    n_lin = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-                if optim.masking.is_projected_path(optim.masking.path_names(p), len(x.shape)))
-    for name, tx in optimizers(cfg).items():
-      b = optim.state_bytes(tx, params)
-      low = sum(v["values"] for k, v in b.items() if k.startswith("lowrank/"))
-      adam = sum(v["values"] for k, v in b.items() if k.startswith("adamw/") or k in ("mu", "nu"))
-      rows.append(dict(size=size, params_M=n_params / 1e6, linears_M=n_lin / 1e6, optimizer=name,
-                       rank=(cfg["galore_rank"] if name in ("GaLore (std)", "Fira") else
-                             cfg["apollo_rank"] if name == "APOLLO" else
-                             1 if name == "APOLLO-Mini" else "-"),
-                       linears_state_M=low / 1e6 if name != "AdamW" else
-                       2 * n_lin / 1e6,
-                       other_adamw_M=adam / 1e6 if name != "AdamW" else
-                       (adam - 2 * n_lin) / 1e6,
-                       total_M=b["total"]["values"] / 1e6,
-                       total_GiB=b["total"]["bytes"] / 2**30,
-                       formula=FORMULAS[name]))
-  return rows
+    rows = []
+    for size, cfg in LLAMA_CONFIGS.items():
+        params = llama_abstract_params(dtype=dtype, **cfg)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        n_lin = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                    if optim.masking.is_projected_path(optim.masking.path_names(p), len(x.shape)))
+        for name, tx in optimizers(cfg).items():
+            b = optim.state_bytes(tx, params)
+            low = sum(v["values"] for k, v in b.items() if k.startswith("lowrank/"))
+            adam = sum(v["values"] for k, v in b.items() if k.startswith("adam/") or k in ("mu", "nu"))
+            rows.append(dict(size=size, params_M=n_params / 1e6, linears_M=n_lin / 1e6, optimizer=name,
+                             rank=(cfg["galore_rank"] if name in ("GaLore (std)", "Fira") else
+                                   cfg["apollo_rank"] if name == "APOLLO" else
+                                   1 if name == "APOLLO-Mini" else "-"),
+                             linears_state_M=low / 1e6 if name != "AdamW" else
+                             2 * n_lin / 1e6,
+                             other_adam_M=adam / 1e6 if name != "AdamW" else
+                             (adam - 2 * n_lin) / 1e6,
+                             total_M=b["total"]["values"] / 1e6,
+                             total_GiB=b["total"]["bytes"] / 2**30,
+                             formula=FORMULAS[name]))
+    return rows
 
 
 def markdown(rows, dtype_name):
-  out = [f"State values (millions) and bytes ({dtype_name} states), untied embeddings, "
-         "vocab 32000; 'linears' = attention/MLP kernels projected by the default mask, "
-         "'other' = AdamW moments of embeddings, norms and LM head.", "",
-         "| model | params (linears) | optimizer | rank | state on linears | other (AdamW) "
-         "| total values | total GiB | per-matrix formula |",
-         "|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    out.append(f"| {r['size']} | {r['params_M']:.2f}M ({r['linears_M']:.2f}M) | {r['optimizer']} "
-               f"| {r['rank']} | {r['linears_state_M']:.3f}M | {r['other_adamw_M']:.2f}M "
-               f"| {r['total_M']:.2f}M | {r['total_GiB']:.3f} | {r['formula']} |")
-  return "\n".join(out)
+    out = [f"State values (millions) and bytes ({dtype_name} states), untied embeddings, "
+           "vocab 32000; 'linears' = attention/MLP kernels projected by the default mask, "
+           "'other' = Adam moments of embeddings, norms and LM head.", "",
+           "| model | params (linears) | optimizer | rank | state on linears | other (Adam) "
+           "| total values | total GiB | per-matrix formula |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['size']} | {r['params_M']:.2f}M ({r['linears_M']:.2f}M) | {r['optimizer']} "
+                   f"| {r['rank']} | {r['linears_state_M']:.3f}M | {r['other_adam_M']:.2f}M "
+                   f"| {r['total_M']:.2f}M | {r['total_GiB']:.3f} | {r['formula']} |")
+    return "\n".join(out)
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  ap.add_argument("--markdown", default=None, help="also write the table to this file")
-  args = ap.parse_args()
-  rows = table(jnp.dtype(args.dtype))
-  md = markdown(rows, args.dtype)
-  print(md)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md + "\n")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--markdown", default=None, help="also write the table to this file")
+    args = ap.parse_args()
+    rows = table(jnp.dtype(args.dtype))
+    md = markdown(rows, args.dtype)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
 
 
 if __name__ == "__main__":
-  main()
+    main()

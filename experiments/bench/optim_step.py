@@ -3,8 +3,12 @@
 Part 1 (``--part step``): the attention/MLP matrices of the LLaMA-60M config
 (``--layers`` of its 8 layers; 7 kernels per layer, float32), one jitted
 ``tx.update`` per optimizer, timed at a refresh step (``count % T == 0``: SVD
-or new random projector) and at an ordinary step; GaLore (``std`` side, ours)
-is also compared with ``optax.contrib.galore`` (``reverse_std`` side).
+or new random projector) and at an ordinary step. The baseline ``adamw`` is
+``optim.adamw`` (``optax.adamw``); ``adam_hf`` is the HF-style Adam that the
+low-rank aliases use on the leaves they do not project (``optim.scale_by_adam``
+plus the same decoupled weight decay), here applied to every matrix. GaLore
+(``std`` side, ours) is also compared with ``optax.contrib.galore``
+(``reverse_std`` side).
 
 Part 2 (``--part lm``): a small ``models.LanguageModel`` (softmax attention,
 byte vocabulary) on the Shakespeare bytes of ``experiments.data`` (falls back
@@ -32,289 +36,291 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
-import optim  # noqa: E402
-from optim.accounting import LLAMA_CONFIGS  # noqa: E402
+from lolax import optim  # noqa: E402
+from lolax.optim.accounting import LLAMA_CONFIGS  # noqa: E402
 
 
 def matrices_60m(layers):
-  cfg = LLAMA_CONFIGS["60M"]
-  h, f = cfg["hidden"], cfg["ffn"]
-  rng = np.random.default_rng(0)
-  mk = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
-  return {f"layers_{i}": {
-      "attn": {n: {"kernel": mk(h, h)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-      "mlp": {"gate_proj": {"kernel": mk(h, f)}, "up_proj": {"kernel": mk(h, f)},
-              "down_proj": {"kernel": mk(f, h)}}} for i in range(layers)}
+    cfg = LLAMA_CONFIGS["60M"]
+    h, f = cfg["hidden"], cfg["ffn"]
+    rng = np.random.default_rng(0)
+    mk = lambda *s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32)
+    return {f"layers_{i}": {
+        "attn": {n: {"kernel": mk(h, h)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {"gate_proj": {"kernel": mk(h, f)}, "up_proj": {"kernel": mk(h, f)},
+                "down_proj": {"kernel": mk(f, h)}}} for i in range(layers)}
 
 
 def _time(fn, *args, reps):
-  """Minimum over ``reps`` runs after a warm-up: the least-disturbed estimate on a
-  shared machine."""
-  out = fn(*args)
-  jax.block_until_ready(out)
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  return float(np.min(ts))
+    """Minimum over ``reps`` runs after a warm-up: the least-disturbed estimate on a
+    shared machine."""
+    out = fn(*args)
+    jax.block_until_ready(out)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append(time.perf_counter() - t0)
+    return float(np.min(ts))
 
 
 def step_times(layers, reps, gap=200, refresh_reps=2):
-  """Round-robin timing: every repetition visits every optimizer in turn, so load
-  from other processes on a shared machine hits all of them alike; min per cell."""
-  params = matrices_60m(layers)
-  grads = jax.tree.map(lambda x: x * 1e-2 + 1e-3, params)
-  txs = {
-      "adamw": optim.adamw(1e-2),
-      "optax.adamw": optax.adamw(1e-2),
-      "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),
-      "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
-      "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
-      "apollo_mini": optim.apollo_mini(1e-2, update_proj_gap=gap),
-      "fira": optim.fira(1e-2, rank=128, update_proj_gap=gap),
-      "frugal": optim.frugal(1e-2, density=0.25, update_proj_gap=gap),
-  }
-  fns = {}
-  for name, tx in txs.items():
-    upd = jax.jit(tx.update)
-    s0 = tx.init(params)
-    _, s1 = jax.block_until_ready(upd(grads, s0, params))   # compiles; count 0 = refresh
-    jax.block_until_ready(upd(grads, s1, params))           # count 1 = ordinary
-    fns[name] = (upd, s0, s1)
+    """Round-robin timing: every repetition visits every optimizer in turn, so load
+    from other processes on a shared machine hits all of them alike; min per cell."""
+    params = matrices_60m(layers)
+    grads = jax.tree.map(lambda x: x * 1e-2 + 1e-3, params)
+    txs = {
+        "adamw": optim.adamw(1e-2),
+        "adam_hf": optax.chain(optim.scale_by_adam(), optax.add_decayed_weights(1e-4),
+                               optax.scale_by_learning_rate(1e-2)),
+        "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),
+        "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
+        "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
+        "apollo_mini": optim.apollo_mini(1e-2, update_proj_gap=gap),
+        "fira": optim.fira(1e-2, rank=128, update_proj_gap=gap),
+        "frugal": optim.frugal(1e-2, density=0.25, update_proj_gap=gap),
+    }
+    fns = {}
+    for name, tx in txs.items():
+        upd = jax.jit(tx.update)
+        s0 = tx.init(params)
+        _, s1 = jax.block_until_ready(upd(grads, s0, params))   # compiles; count 0 = refresh
+        jax.block_until_ready(upd(grads, s1, params))           # count 1 = ordinary
+        fns[name] = (upd, s0, s1)
 
-  def once(upd, s):
-    t0 = time.perf_counter()
-    jax.block_until_ready(upd(grads, s, params))
-    return time.perf_counter() - t0
+    def once(upd, s):
+        t0 = time.perf_counter()
+        jax.block_until_ready(upd(grads, s, params))
+        return time.perf_counter() - t0
 
-  t_plain = {n: [] for n in fns}
-  t_ref = {n: [] for n in fns}
-  for _ in range(reps):
-    for n, (upd, s0, s1) in fns.items():
-      t_plain[n].append(once(upd, s1))
-  for _ in range(refresh_reps):
-    for n, (upd, s0, s1) in fns.items():
-      t_ref[n].append(once(upd, s0))
-  res = {}
-  for n in fns:
-    res[n] = {"refresh_s": min(t_ref[n]), "ordinary_s": min(t_plain[n]),
-              "ordinary_median_s": float(np.median(t_plain[n]))}
-    print(f"{n:>22}: refresh {res[n]['refresh_s'] * 1e3:9.1f} ms   ordinary "
-          f"{res[n]['ordinary_s'] * 1e3:8.1f} ms (median {res[n]['ordinary_median_s'] * 1e3:.1f})",
-          flush=True)
-  base = res["adamw"]["ordinary_s"]
-  for name, r in res.items():
-    r["refresh_vs_adamw"] = r["refresh_s"] / base
-    r["ordinary_vs_adamw"] = r["ordinary_s"] / base
-    r["amortised_vs_adamw"] = ((gap - 1) * r["ordinary_s"] + r["refresh_s"]) / gap / base
-  res["galore_vs_optax_contrib"] = {
-      k: res["galore"][k] / res["optax.contrib.galore"][k] for k in ("refresh_s", "ordinary_s")}
-  return res
+    t_plain = {n: [] for n in fns}
+    t_ref = {n: [] for n in fns}
+    for _ in range(reps):
+        for n, (upd, s0, s1) in fns.items():
+            t_plain[n].append(once(upd, s1))
+    for _ in range(refresh_reps):
+        for n, (upd, s0, s1) in fns.items():
+            t_ref[n].append(once(upd, s0))
+    res = {}
+    for n in fns:
+        res[n] = {"refresh_s": min(t_ref[n]), "ordinary_s": min(t_plain[n]),
+                  "ordinary_median_s": float(np.median(t_plain[n]))}
+        print(f"{n:>22}: refresh {res[n]['refresh_s'] * 1e3:9.1f} ms   ordinary "
+              f"{res[n]['ordinary_s'] * 1e3:8.1f} ms (median {res[n]['ordinary_median_s'] * 1e3:.1f})",
+              flush=True)
+    base = res["adamw"]["ordinary_s"]
+    for name, r in res.items():
+        r["refresh_vs_adamw"] = r["refresh_s"] / base
+        r["ordinary_vs_adamw"] = r["ordinary_s"] / base
+        r["amortised_vs_adamw"] = ((gap - 1) * r["ordinary_s"] + r["refresh_s"]) / gap / base
+    res["galore_vs_optax_contrib"] = {
+        k: res["galore"][k] / res["optax.contrib.galore"][k] for k in ("refresh_s", "ordinary_s")}
+    return res
 
 
 # ----------------------------------------------------------------------------- LM
 def lm_setup(seq, batch, d_model, layers, seed=0):
-  """``models.LanguageModel`` (softmax attention, byte vocabulary) on Shakespeare bytes from
-  ``experiments.data``; falls back to a tiny inline model on a synthetic stream."""
-  try:
-    from flax import nnx
-    from models import LanguageModel, ModelConfig
-    from experiments.data.corpus import load_corpus
-    model = LanguageModel(ModelConfig(vocab_size=256, d_model=d_model, num_layers=layers,
-                                      pattern="S", num_heads=max(1, d_model // 32)),
-                          nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    corpus = load_corpus()
-    stream, val = corpus.train, corpus.val
-    source = (f"models.LanguageModel(d_model={d_model}, layers={layers}, pattern='S') on "
-              f"Shakespeare bytes ({corpus.describe()})")
+    """``models.LanguageModel`` (softmax attention, byte vocabulary) on Shakespeare bytes from
+    ``experiments.data``; falls back to a tiny inline model on a synthetic stream."""
+    try:
+        from flax import nnx
 
-    def loss_fn(p, toks):
-      logits = nnx.merge(graphdef, p)(toks[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
-  except Exception as e:  # noqa: BLE001  (models / data developed in parallel)
-    print(f"models/experiments.data unavailable ({e!r}); using the synthetic fallback")
-    params, loss_fn, stream, val, source = _fallback_lm(seq, seed)
-  rng = np.random.default_rng(seed)
+        from experiments.data.corpus import load_corpus
+        from lolax.models import LanguageModel, ModelConfig
+        model = LanguageModel(ModelConfig(vocab_size=256, d_model=d_model, num_layers=layers,
+                                          pattern="S", num_heads=max(1, d_model // 32)),
+                              nnx.Rngs(seed))
+        graphdef, params = nnx.split(model, nnx.Param)
+        corpus = load_corpus()
+        stream, val = corpus.train, corpus.val
+        source = (f"models.LanguageModel(d_model={d_model}, layers={layers}, pattern='S') on "
+                  f"Shakespeare bytes ({corpus.describe()})")
 
-  def batches(steps, data=stream):
-    idx = rng.integers(0, len(data) - seq - 1, size=(steps, batch))
-    return jnp.asarray(data[idx[..., None] + np.arange(seq + 1)].astype(np.int32))
+        def loss_fn(p, toks):
+            logits = nnx.merge(graphdef, p)(toks[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+    except Exception as e:  # noqa: BLE001  (models / data developed in parallel)
+        print(f"models/experiments.data unavailable ({e!r}); using the synthetic fallback")
+        params, loss_fn, stream, val, source = _fallback_lm(seq, seed)
+    rng = np.random.default_rng(seed)
 
-  return params, loss_fn, batches, val, source
+    def batches(steps, data=stream):
+        idx = rng.integers(0, len(data) - seq - 1, size=(steps, batch))
+        return jnp.asarray(data[idx[..., None] + np.arange(seq + 1)].astype(np.int32))
+
+    return params, loss_fn, batches, val, source
 
 
 def _fallback_lm(seq, seed, vocab=32, d=32):
-  k = iter(jax.random.split(jax.random.key(seed), 16))
-  init = lambda *s: jax.random.normal(next(k), s) / np.sqrt(s[0])
-  params = {
-      "embed": {"embedding": jax.random.normal(next(k), (vocab, d))},
-      "attn": {n: {"kernel": init(d, d)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-      "mlp": {"up_proj": {"kernel": init(d, 4 * d)}, "down_proj": {"kernel": init(4 * d, d)}},
-      "norm": {"scale": jnp.ones((d,))},
-      "lm_head": {"kernel": init(d, vocab)},
-  }
-  rng = np.random.default_rng(seed)
-  table = rng.integers(0, vocab, size=(vocab, vocab))
-  stream = [1, 2]
-  for _ in range(20000):   # a noisy order-2 Markov stream
-    stream.append(int(table[stream[-2], stream[-1]] if rng.random() < 0.8 else rng.integers(vocab)))
-  stream = np.asarray(stream)
+    k = iter(jax.random.split(jax.random.key(seed), 16))
+    init = lambda *s: jax.random.normal(next(k), s) / np.sqrt(s[0])
+    params = {
+        "embed": {"embedding": jax.random.normal(next(k), (vocab, d))},
+        "attn": {n: {"kernel": init(d, d)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {"up_proj": {"kernel": init(d, 4 * d)}, "down_proj": {"kernel": init(4 * d, d)}},
+        "norm": {"scale": jnp.ones((d,))},
+        "lm_head": {"kernel": init(d, vocab)},
+    }
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, vocab, size=(vocab, vocab))
+    stream = [1, 2]
+    for _ in range(20000):   # a noisy order-2 Markov stream
+        stream.append(int(table[stream[-2], stream[-1]] if rng.random() < 0.8 else rng.integers(vocab)))
+    stream = np.asarray(stream)
 
-  def loss_fn(p, toks):
-    x = p["embed"]["embedding"][toks[:, :-1]]
-    a = p["attn"]
-    q, kk, v = (x @ a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj"))
-    att = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), q @ kk.transpose(0, 2, 1) / np.sqrt(d),
-                    -1e9)
-    x = x + jax.nn.softmax(att) @ v @ a["o_proj"]["kernel"]
-    x = x + jax.nn.gelu(x @ p["mlp"]["up_proj"]["kernel"]) @ p["mlp"]["down_proj"]["kernel"]
-    x = x * p["norm"]["scale"] / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
-    return optax.softmax_cross_entropy_with_integer_labels(
-        x @ p["lm_head"]["kernel"], toks[:, 1:]).mean()
+    def loss_fn(p, toks):
+        x = p["embed"]["embedding"][toks[:, :-1]]
+        a = p["attn"]
+        q, kk, v = (x @ a[n]["kernel"] for n in ("q_proj", "k_proj", "v_proj"))
+        att = jnp.where(jnp.tril(jnp.ones((seq, seq), bool)), q @ kk.transpose(0, 2, 1) / np.sqrt(d),
+                        -1e9)
+        x = x + jax.nn.softmax(att) @ v @ a["o_proj"]["kernel"]
+        x = x + jax.nn.gelu(x @ p["mlp"]["up_proj"]["kernel"]) @ p["mlp"]["down_proj"]["kernel"]
+        x = x * p["norm"]["scale"] / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6)
+        return optax.softmax_cross_entropy_with_integer_labels(
+            x @ p["lm_head"]["kernel"], toks[:, 1:]).mean()
 
-  return params, loss_fn, stream, stream[-5000:], "synthetic order-2 Markov stream, inline LM"
+    return params, loss_fn, stream, stream[-5000:], "synthetic order-2 Markov stream, inline LM"
 
 
 def lm_compare(steps, lrs, gap, rank, seq=64, batch=16, d_model=64, layers=2):
-  params, loss_fn, batches, val, source = lm_setup(seq, batch, d_model, layers)
-  print("LM:", source, flush=True)
-  data = batches(steps)
-  val_data = batches(8, val)
-  methods = {
-      "adamw": (optim.adamw, {}, ()),
-      "galore": (optim.galore, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
-      "apollo": (optim.apollo, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
-      "apollo_mini": (optim.apollo_mini, dict(update_proj_gap=gap), ("rank", "update_proj_gap")),
-      "fira": (optim.fira, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
-  }
-  out = {"source": source, "steps": steps, "seq": seq, "batch": batch, "rank": rank, "gap": gap}
-  for name, (fn, kw, static) in methods.items():
-    tx = optax.inject_hyperparams(fn, static_args=static)(learning_rate=lrs[0], **kw)
-    # schedule-free constant lr (injected, so one compilation per method)
+    params, loss_fn, batches, val, source = lm_setup(seq, batch, d_model, layers)
+    print("LM:", source, flush=True)
+    data = batches(steps)
+    val_data = batches(8, val)
+    methods = {
+        "adamw": (optim.adamw, dict(weight_decay=0.0), ()),   # no weight decay, like the others
+        "galore": (optim.galore, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
+        "apollo": (optim.apollo, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
+        "apollo_mini": (optim.apollo_mini, dict(update_proj_gap=gap), ("rank", "update_proj_gap")),
+        "fira": (optim.fira, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
+    }
+    out = {"source": source, "steps": steps, "seq": seq, "batch": batch, "rank": rank, "gap": gap}
+    for name, (fn, kw, static) in methods.items():
+        tx = optax.inject_hyperparams(fn, static_args=static)(learning_rate=lrs[0], **kw)
+        # schedule-free constant lr (injected, so one compilation per method)
 
-    def run(p, s, d):
-      def body(c, toks):
-        p, s = c
-        l, g = jax.value_and_grad(loss_fn)(p, toks)
-        u, s = tx.update(g, s, p)
-        return (optax.apply_updates(p, u), s), l
-      (p, s), losses = jax.lax.scan(body, (p, s), d)
-      return losses, jnp.mean(jax.vmap(lambda t: loss_fn(p, t[None]))(val_data.reshape(-1, seq + 1)))
+        def run(p, s, d):
+            def body(c, toks):
+                p, s = c
+                l, g = jax.value_and_grad(loss_fn)(p, toks)
+                u, s = tx.update(g, s, p)
+                return (optax.apply_updates(p, u), s), l
+            (p, s), losses = jax.lax.scan(body, (p, s), d)
+            return losses, jnp.mean(jax.vmap(lambda t: loss_fn(p, t[None]))(val_data.reshape(-1, seq + 1)))
 
-    run = jax.jit(run)
-    out[name] = {}
-    for lr in lrs:
-      s0 = tx.init(params)
-      s0 = s0._replace(hyperparams={**s0.hyperparams,
-                                    "learning_rate": jnp.asarray(lr, jnp.float32)})
-      t0 = time.perf_counter()
-      losses, vloss = run(params, s0, data)
-      losses = np.asarray(losses)
-      final = float(losses[-20:].mean())
-      out[name][str(lr)] = {"final_train_loss": final, "val_loss": float(vloss),
-                            "curve": losses[:: max(1, steps // 100)].tolist(),
-                            "wall_s": time.perf_counter() - t0}
-      print(f"{name:>12} lr {lr:g}: train loss (last 20) {final:.4f}  val {float(vloss):.4f}",
-            flush=True)
-  return out
+        run = jax.jit(run)
+        out[name] = {}
+        for lr in lrs:
+            s0 = tx.init(params)
+            s0 = s0._replace(hyperparams={**s0.hyperparams,
+                                          "learning_rate": jnp.asarray(lr, jnp.float32)})
+            t0 = time.perf_counter()
+            losses, vloss = run(params, s0, data)
+            losses = np.asarray(losses)
+            final = float(losses[-20:].mean())
+            out[name][str(lr)] = {"final_train_loss": final, "val_loss": float(vloss),
+                                  "curve": losses[:: max(1, steps // 100)].tolist(),
+                                  "wall_s": time.perf_counter() - t0}
+            print(f"{name:>12} lr {lr:g}: train loss (last 20) {final:.4f}  val {float(vloss):.4f}",
+                  flush=True)
+    return out
 
 
 def plot(lm, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name, runs in lm.items():
-    if not isinstance(runs, dict) or "curve" in runs or name == "source":
-      continue
-    lr, best = min(runs.items(), key=lambda kv: kv[1]["val_loss"])
-    c = np.asarray(best["curve"])
-    ax.plot(np.linspace(0, lm["steps"], len(c)), c,
-            label=f"{name} (lr {lr}): val {best['val_loss']:.3f}")
-  ax.set_xlabel("step")
-  ax.set_ylabel("train loss")
-  ax.set_title("short LM run, best lr (by val loss) per optimizer")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, runs in lm.items():
+        if not isinstance(runs, dict) or "curve" in runs or name == "source":
+            continue
+        lr, best = min(runs.items(), key=lambda kv: kv[1]["val_loss"])
+        c = np.asarray(best["curve"])
+        ax.plot(np.linspace(0, lm["steps"], len(c)), c,
+                label=f"{name} (lr {lr}): val {best['val_loss']:.3f}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title("short LM run, best lr (by val loss) per optimizer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def markdown(res) -> str:
-  out = [f"Device: {res.get('device')} (jax {res.get('jax')}, optax {res.get('optax')})."]
-  if "step" in res:
-    st = res["step"]
-    out += ["", f"Per-step time on the LLaMA-60M attention/MLP matrices ({res['args']['layers']} "
-            "of 8 layers, float32), jitted `tx.update`, repetitions interleaved across optimizers, "
-            "minimum per cell; ratios against `optim.adamw`'s ordinary step; amortised = "
-            "(199 ordinary + 1 refresh) / 200.", "",
-            "| optimizer | refresh step (ms) | ordinary step (ms) | refresh / AdamW "
-            "| ordinary / AdamW | amortised / AdamW (T = 200) |", "|---|---|---|---|---|---|"]
-    for name, r in st.items():
-      if name == "galore_vs_optax_contrib":
-        continue
-      out.append(f"| {name} | {r['refresh_s'] * 1e3:.1f} | {r['ordinary_s'] * 1e3:.1f} "
-                 f"| {r['refresh_vs_adamw']:.1f} | {r['ordinary_vs_adamw']:.2f} "
-                 f"| {r['amortised_vs_adamw']:.2f} |")
-    g = st["galore_vs_optax_contrib"]
-    out += ["", f"GaLore (ours, `std` side) / `optax.contrib.galore` (`reverse_std`): refresh "
-            f"{g['refresh_s']:.2f}x, ordinary {g['ordinary_s']:.2f}x."]
-  if "lm" in res:
-    lm = res["lm"]
-    names = [k for k, v in lm.items() if isinstance(v, dict) and k != "args"]
-    lrs = list(lm[names[0]].keys())
-    out += ["", f"Short LM run: {lm['source']}; {lm['steps']} steps, batch {lm['batch']} x "
-            f"{lm['seq']} tokens, constant lr, rank {lm['rank']} (APOLLO-Mini 1), T = {lm['gap']}. "
-            "Validation loss (nats/byte) on 8 held-out batches; best per row in bold.", "",
-            "| optimizer | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
-            "|---|" + "---|" * len(lrs)]
-    for n in names:
-      vals = [lm[n][lr]["val_loss"] for lr in lrs]
-      best = min(vals)
-      out.append(f"| {n} | " + " | ".join(
-          (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in vals) + " |")
-  return "\n".join(out)
+    out = [f"Device: {res.get('device')} (jax {res.get('jax')}, optax {res.get('optax')})."]
+    if "step" in res:
+        st = res["step"]
+        out += ["", f"Per-step time on the LLaMA-60M attention/MLP matrices ({res['args']['layers']} "
+                "of 8 layers, float32), jitted `tx.update`, repetitions interleaved across optimizers, "
+                "minimum per cell; ratios against `optim.adamw`'s ordinary step; amortised = "
+                "(199 ordinary + 1 refresh) / 200.", "",
+                "| optimizer | refresh step (ms) | ordinary step (ms) | refresh / AdamW "
+                "| ordinary / AdamW | amortised / AdamW (T = 200) |", "|---|---|---|---|---|---|"]
+        for name, r in st.items():
+            if name == "galore_vs_optax_contrib":
+                continue
+            out.append(f"| {name} | {r['refresh_s'] * 1e3:.1f} | {r['ordinary_s'] * 1e3:.1f} "
+                       f"| {r['refresh_vs_adamw']:.1f} | {r['ordinary_vs_adamw']:.2f} "
+                       f"| {r['amortised_vs_adamw']:.2f} |")
+        g = st["galore_vs_optax_contrib"]
+        out += ["", f"GaLore (ours, `std` side) / `optax.contrib.galore` (`reverse_std`): refresh "
+                f"{g['refresh_s']:.2f}x, ordinary {g['ordinary_s']:.2f}x."]
+    if "lm" in res:
+        lm = res["lm"]
+        names = [k for k, v in lm.items() if isinstance(v, dict) and k != "args"]
+        lrs = list(lm[names[0]].keys())
+        out += ["", f"Short LM run: {lm['source']}; {lm['steps']} steps, batch {lm['batch']} x "
+                f"{lm['seq']} tokens, constant lr, rank {lm['rank']} (APOLLO-Mini 1), T = {lm['gap']}. "
+                "Validation loss (nats/byte) on 8 held-out batches; best per row in bold.", "",
+                "| optimizer | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
+                "|---|" + "---|" * len(lrs)]
+        for n in names:
+            vals = [lm[n][lr]["val_loss"] for lr in lrs]
+            best = min(vals)
+            out.append(f"| {n} | " + " | ".join(
+                (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in vals) + " |")
+    return "\n".join(out)
 
 
 def main():
-  ap = argparse.ArgumentParser()
-  ap.add_argument("--part", default="all", choices=["step", "lm", "all"])
-  ap.add_argument("--layers", type=int, default=2, help="LLaMA-60M layers to time (of 8)")
-  ap.add_argument("--reps", type=int, default=10, help="ordinary-step repetitions")
-  ap.add_argument("--refresh-reps", type=int, default=2)
-  ap.add_argument("--lm-steps", type=int, default=300)
-  ap.add_argument("--lm-gap", type=int, default=50)
-  ap.add_argument("--lm-rank", type=int, default=16)
-  ap.add_argument("--lrs", default="0.003,0.01,0.03")
-  ap.add_argument("--out", default="docs/results/optim_step.json")
-  ap.add_argument("--plot", default="docs/results/optim_lm.png")
-  ap.add_argument("--markdown", default=None, help="also write the tables to this file")
-  ap.add_argument("--merge", default=None,
-                  help="JSON of an earlier run whose parts not re-run here are kept")
-  args = ap.parse_args()
-  res = {"device": str(jax.devices()[0]), "machine": platform.machine(),
-         "jax": jax.__version__, "optax": optax.__version__, "args": vars(args)}
-  if args.part in ("step", "all"):
-    res["step"] = step_times(args.layers, args.reps, refresh_reps=args.refresh_reps)
-  if args.part in ("lm", "all"):
-    res["lm"] = lm_compare(args.lm_steps, [float(x) for x in args.lrs.split(",")], args.lm_gap,
-                           args.lm_rank)
-    plot(res["lm"], args.plot)
-  if args.merge:
-    with open(args.merge) as f:
-      old = json.load(f)
-    for k in ("step", "lm"):
-      if k not in res and k in old:
-        res[k] = old[k]
-  with open(args.out, "w") as f:
-    json.dump(res, f, indent=1)
-  md = markdown(res)
-  print(md)
-  if args.markdown:
-    with open(args.markdown, "w") as f:
-      f.write(md + "\n")
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--part", default="all", choices=["step", "lm", "all"])
+    ap.add_argument("--layers", type=int, default=2, help="LLaMA-60M layers to time (of 8)")
+    ap.add_argument("--reps", type=int, default=10, help="ordinary-step repetitions")
+    ap.add_argument("--refresh-reps", type=int, default=2)
+    ap.add_argument("--lm-steps", type=int, default=300)
+    ap.add_argument("--lm-gap", type=int, default=50)
+    ap.add_argument("--lm-rank", type=int, default=16)
+    ap.add_argument("--lrs", default="0.003,0.01,0.03")
+    ap.add_argument("--out", default="docs/results/optim_step.json")
+    ap.add_argument("--plot", default="docs/results/optim_lm.png")
+    ap.add_argument("--markdown", default=None, help="also write the tables to this file")
+    ap.add_argument("--merge", default=None,
+                    help="JSON of an earlier run whose parts not re-run here are kept")
+    args = ap.parse_args()
+    res = {"device": str(jax.devices()[0]), "machine": platform.machine(),
+           "jax": jax.__version__, "optax": optax.__version__, "args": vars(args)}
+    if args.part in ("step", "all"):
+        res["step"] = step_times(args.layers, args.reps, refresh_reps=args.refresh_reps)
+    if args.part in ("lm", "all"):
+        res["lm"] = lm_compare(args.lm_steps, [float(x) for x in args.lrs.split(",")], args.lm_gap,
+                               args.lm_rank)
+        plot(res["lm"], args.plot)
+    if args.merge:
+        with open(args.merge) as f:
+            old = json.load(f)
+        for k in ("step", "lm"):
+            if k not in res and k in old:
+                res[k] = old[k]
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
+    md = markdown(res)
+    print(md)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
 
 
 if __name__ == "__main__":
-  main()
+    main()
