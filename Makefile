@@ -6,7 +6,7 @@ STAMP := $(VENV)/.lolax-installed
 RUN ?= runs/shakespeare
 ARGS ?=
 
-.PHONY: train test test-slow install clean
+.PHONY: train test test-slow lint install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf $(VENV) runs

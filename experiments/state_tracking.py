@@ -42,7 +42,8 @@ def main(argv):
     if FULL.value:
         tasks, seeds, steps = ["parity", "mod3", "mod5", "s3"], [0, 1, 2], 5_000
     lengths = [int(n) for n in TEST_LENS.value]
-    rows = state_tracking_sweep(tasks, MIXERS.value, TRAIN_LEN.value, lengths, D_MODEL.value, LAYERS.value, steps, BATCH.value,
+    rows = state_tracking_sweep(tasks, MIXERS.value, TRAIN_LEN.value, lengths, D_MODEL.value, LAYERS.value, steps,
+                                BATCH.value,
                LR.value, seeds, TEST_EXAMPLES.value)
     write_results(OUT.value, "state_tracking", "experiments.state_tracking",
                   {"train_length": TRAIN_LEN.value, "rows": rows})

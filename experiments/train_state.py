@@ -7,14 +7,14 @@ inside ``jax.jit``, so the state is a plain pytree that jit can donate and orbax
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from models import LanguageModel, ModelConfig
+from lolax.models import LanguageModel, ModelConfig
 
 
 class TrainState(NamedTuple):
@@ -42,13 +42,27 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, donate: bool = True):
-    """Returns the jitted ``step(state, batch) -> (state, metrics)`` with the state donated."""
+def next_token_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """The language-model objective: cross-entropy against ``batch["targets"]``."""
+    return cross_entropy(logits, batch["targets"])
+
+
+Objective = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
+
+
+def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, donate: bool = True,
+                    objective: Objective = next_token_loss):
+    """Returns the jitted ``step(state, batch) -> (state, metrics)`` with the state donated.
+
+    ``objective(logits, batch) -> scalar`` is the loss of the model's logits on
+    ``batch["inputs"]`` (default: next-token cross-entropy; the synthetic tasks pass a masked
+    one); the model's auxiliary loss is added to it for the gradient.
+    """
 
     def loss_fn(params, batch):
         model = nnx.merge(graphdef, params)
         logits, aux = model(batch["inputs"], return_aux=True)
-        loss = cross_entropy(logits, batch["targets"])
+        loss = objective(logits, batch)
         return loss + aux, (loss, aux)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -56,8 +70,8 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, do
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        # "loss" is the language-model cross-entropy; "aux_loss" (MoM load balancing, else 0) is
-        # added to it for the gradient.
+        # "loss" is the objective; "aux_loss" (MoM load balancing, else 0) is added to it for the
+        # gradient.
         metrics = {"loss": loss, "aux_loss": aux, "grad_norm": optax.tree.norm(grads)}
         return TrainState(params, opt_state, state.step + 1, new_rng), metrics
 

@@ -20,15 +20,15 @@ from flax import nnx
 from tqdm import tqdm
 
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
+from experiments.configs.presets import apply_preset
 from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_corpus
 from experiments.metrics import MetricsWriter, plot_loss
 from experiments.optimizers import make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
-import optim
-from experiments.configs.presets import apply_preset
-from models import ModelConfig, count_params, generate
-from parallelism import mesh as pmesh
-from parallelism import rules as prules
+from lolax import optim
+from lolax.models import ModelConfig, count_params, generate
+from lolax.parallelism import mesh as pmesh
+from lolax.parallelism import rules as prules
 
 
 def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
@@ -39,7 +39,7 @@ def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
 def data_mesh(mesh_config, batch_size: int, seq_len: int | None = None) -> jax.sharding.Mesh:
     """The ``(data, fsdp, sequence, tensor)`` mesh of ``config.mesh`` (see ``parallelism.mesh``).
 
-    ``mesh_config`` holds the axis sizes (-1 = fill); its ``attention`` key is read by the trainer.
+    ``mesh_config`` holds the axis sizes (-1 = fill).
     """
     sizes = {a: mesh_config[a] for a in pmesh.AXES if a in mesh_config}
     mesh = pmesh.make_mesh(sizes)
@@ -91,7 +91,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     graphdef, state, state_shardings = prules.create_sharded(
         lambda: init_state(model_cfg, tx, config.seed), mesh)
     batch_sharding = prules.batch_sharding(mesh)
-    attention = config.mesh.get("attention", "ring")   # softmax layers under sequence sharding
 
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
     start = checkpointer.latest_step()
@@ -105,9 +104,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
           f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}; corpus {corpus.describe()}")
     print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, state.params))}")
 
+    # Steps are traced under jax.set_mesh(mesh) below: with a sequence axis > 1 the mixers run
+    # LASP-2 and ring / Ulysses / all-gather attention (model.sequence_attention).
     train_step = prules.shard_step(make_train_step(graphdef, tx, donate=False), mesh, state_shardings,
-                                   batch_sharding, sequence_axis="sequence", attention=attention)
-    eval_step = prules.in_sequence_parallel(make_eval_step(graphdef), mesh, "sequence", attention)
+                                   batch_sharding)
+    eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir)
     tokens_per_step = d.batch_size * d.seq_len
     step = int(state.step)
@@ -115,7 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     stop = _StopRequest()
     bar = tqdm(total=t.steps, initial=step, disable=not show_progress, dynamic_ncols=True, unit="step")
     try:
-        with stop.installed():
+        with stop.installed(), jax.set_mesh(mesh):
             window_start, window_steps = time.perf_counter(), 0
             while step < t.steps and not stop.requested:
                 batch = jax.device_put(next(batches), batch_sharding)

@@ -4,9 +4,9 @@ See ``docs/models.md``: the mixers (``models.mixers.MIXERS``), layer patterns, p
 (``experiments/configs/presets.py``) and cached generation.
 """
 
-from models.config import MIXER_LETTERS, ModelConfig
-from models.lm import Block, LanguageModel, count_params
-from models.mixers import MIXERS
-from models.sampling import generate
+from .config import MIXER_LETTERS, ModelConfig
+from .lm import Block, LanguageModel, count_params
+from .mixers import MIXERS
+from .sampling import generate
 
 __all__ = ["LanguageModel", "ModelConfig", "count_params", "generate", "Block", "MIXERS", "MIXER_LETTERS"]

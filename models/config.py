@@ -24,6 +24,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from ..ops.feature_maps import FEATURE_MAPS
+from ..ops.simple_gla import LIGHTNING_DECAYS
+from ..parallelism.ring import MODES as SEQUENCE_ATTENTION_MODES
+
 # One letter per mixer kind in a layer pattern; models.mixers registers the classes.
 MIXER_LETTERS = {
     "L": "linear_attn", "H": "hedgehog", "B": "based", "R": "retnet", "N": "lightning",
@@ -35,8 +39,6 @@ MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softm
                  "gated_delta_rule": "gated_deltanet", "linear": "linear_attn",
                  "baseconv": "conv"}
 MIXER_NAMES = tuple(MIXER_LETTERS.values())
-FEATURE_MAPS = ("identity", "elu+1", "relu", "hedgehog", "taylor")
-LIGHTNING_DECAYS = ("alibi_slopes", "fla_linear")
 HEDGEHOG_FORMS = ("fla", "lolcats")
 
 
@@ -73,13 +75,14 @@ class ModelConfig:
     head_dim: int | None = None          # default d_model // num_heads
     num_kv_heads: int | None = None      # softmax / SWA grouped-query heads; default num_heads
     mlp_hidden: int | None = None        # default 8/3 d_model rounded up to a multiple of 32
-    feature_map: str = "elu+1"           # linear attention's (L) feature map on q and k
+    feature_map: str = "elu_plus_one"    # linear attention's (L) feature map, a key of ops.feature_maps.FEATURE_MAPS
     normalize: bool = False              # L/H: divide by s q.z (positive maps only) instead of RMSNorm
     chunk_size: int = 64
     rope_theta: float = 10_000.0
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
     window: int = 64                     # SWA: keys per query, including itself
+    sequence_attention: str = "ring"     # softmax/SWA under a sharded sequence: ring | ulysses | allgather
     conv_size: int = 4                   # short causal conv (DeltaNet, GDN, BaseConv); 0 disables it
     hedgehog_dim: int | None = None      # Hedgehog features per half (D'); default head size
     hedgehog_form: str = "fla"
@@ -128,11 +131,14 @@ class ModelConfig:
         if self.num_heads % kv:
             raise ValueError(f"model.num_kv_heads = {kv} must divide model.num_heads = {self.num_heads}")
         if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"model.feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+            raise ValueError(f"model.feature_map must be one of {sorted(FEATURE_MAPS)}, got {self.feature_map!r}")
         if self.hedgehog_form not in HEDGEHOG_FORMS:
             raise ValueError(f"model.hedgehog_form must be one of {HEDGEHOG_FORMS}, got {self.hedgehog_form!r}")
+        if self.sequence_attention not in SEQUENCE_ATTENTION_MODES:
+            raise ValueError(f"model.sequence_attention must be one of {SEQUENCE_ATTENTION_MODES}, "
+                             f"got {self.sequence_attention!r}")
         if self.lightning_decay not in LIGHTNING_DECAYS:
-            raise ValueError(f"model.lightning_decay must be one of {LIGHTNING_DECAYS}, "
+            raise ValueError(f"model.lightning_decay must be one of {sorted(LIGHTNING_DECAYS)}, "
                              f"got {self.lightning_decay!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"model.normalize must be a bool, got {self.normalize!r}")

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import RMSNorm, SwiGLU, dense, logical
-from models.mixers import MIXERS
-from models.mixers.base import default_positions
+from .config import ModelConfig
+from .layers import RMSNorm, SwiGLU, dense, logical
+from .mixers import MIXERS
+from .mixers.base import default_positions
 
 
 class Block(nnx.Module):

@@ -1,4 +1,4 @@
-"""Feature maps φ for linear attention (REFERENCE §1.6), applied per head to q and k by the layer.
+"""Feature maps φ for linear attention, applied per head to q and k by the layer.
 
 Each map is a pure function on ``[..., D]`` (the last axis is the head dimension); learnable ones
 take their weights as arguments (weights ``[D, D']`` shared across heads, or ``[H, D, D']`` with
@@ -27,12 +27,20 @@ Array = jax.Array
 
 
 def identity(x: Array) -> Array:
-    """φ(x) = x."""
+    """φ(x) = x.
+
+    >>> identity(jnp.array([-1.0, 2.0]))
+    Array([-1.,  2.], dtype=float32)
+    """
     return x
 
 
 def elu_plus_one(x: Array) -> Array:
-    """φ(x) = 1 + elu(x) > 0: the classic "linear transformer" map."""
+    """φ(x) = 1 + elu(x) > 0: the classic "linear transformer" map.
+
+    >>> elu_plus_one(jnp.array([0.0, 2.0]))
+    Array([1., 3.], dtype=float32)
+    """
     return jax.nn.elu(x) + 1.0
 
 
@@ -59,7 +67,11 @@ def _project(x: Array, weight, bias) -> Array:
 
 def relu(x: Array, weight=None, bias=None, clamp_min: float = 0.0) -> Array:
     """φ(x) = max(x W + b, clamp_min); without weights a plain ReLU.  T2R learns W and b;
-    LoLCATs uses ``clamp_min=1e-12`` so normalised attention never divides by zero."""
+    LoLCATs uses ``clamp_min=1e-12`` so normalised attention never divides by zero.
+
+    >>> relu(jnp.array([-1.0, 2.0]))
+    Array([0., 2.], dtype=float32)
+    """
     return jnp.maximum(_project(x, weight, bias), clamp_min)
 
 
@@ -74,6 +86,10 @@ def hedgehog(x: Array, weight: Array, bias=None, form: str = "lolcats", eps: flo
       form: ``"lolcats"``: ``[softmax(z), softmax(−z)]``, each half normalised over its own D',
         clamped at ``eps``; ``"fla"``: ``softmax([2z, −2z])``, one softmax over all 2D'
         (FLA's ``HedgehogFeatureMap``: z = Linear(x), then ``cat([2z, −2z]).softmax(-1)``).
+
+    >>> x = jnp.ones((5, 4))
+    >>> hedgehog(x, jnp.eye(4), form="fla").shape              # 2 D' features
+    (5, 8)
     """
     z = _project(x, weight, bias)
     if form == "lolcats":
@@ -90,6 +106,11 @@ def based_taylor(x: Array, compact: bool = False) -> Array:
     (273 for d = 16): ``[1, x/d^{1/4}, vec(x⊗x)/(√2·√d)]``; the compact form keeps each
     unordered pair once, ``1 + d + d(d+1)/2`` features (153 for d = 16): diagonal terms
     ``x_i²/(√2·√d)`` and off-diagonal ``x_i x_j/√d`` for i < j.  Use ``scale=1.0`` in the op.
+
+    >>> q, k = jnp.ones(16) * 0.5, jnp.ones(16) * 0.25
+    >>> s = q @ k / 4.0                                        # q·k/√d
+    >>> bool(jnp.isclose(based_taylor(q) @ based_taylor(k), 1 + s + s ** 2 / 2))
+    True
     """
     d = x.shape[-1]
     rd = math.sqrt(d)
@@ -112,3 +133,7 @@ def based_taylor_dim(d: int, compact: bool = False) -> int:
 
 FEATURE_MAPS = {"identity": identity, "elu_plus_one": elu_plus_one, "relu": relu,
                 "hedgehog": hedgehog, "based_taylor": based_taylor}
+"""Every feature map by name: the one registry the models and configs use."""
+
+TEMPERATURE_INCLUDED = frozenset({"hedgehog", "based_taylor"})
+"""Maps whose similarity already contains its temperature: use them with ``scale=1.0``."""

@@ -1,4 +1,4 @@
-"""LASP-2 sequence parallelism for every chunk family: one all-gather per layer (REFERENCE §3.2–3.4).
+"""LASP-2 sequence parallelism for every chunk family: one all-gather per layer.
 
 The sequence axis of ``[B, T, H, D]`` inputs is split over a mesh axis (``'sequence'``) of W
 devices; rank r holds tokens ``[r·T/W, (r+1)·T/W)``.  Every rank
@@ -9,7 +9,7 @@ devices; rank r holds tokens ``[r·T/W, (r+1)·T/W)``.  Every rank
    over its tokens): the op runs on ``[v, 0]`` from the initial state ``[0, I]``, and since every
    value column evolves independently the extra K columns of the final state are exactly ``M``;
    for the diagonal families the transition is the cumulative decay ``exp(Σ g)`` (a scalar per
-   head, or a K-vector for GLA), summed directly;
+   head, or a K-vector for GLA), summed directly (:mod:`lolax.ops.common.decay`);
 2. packs ``(transition, S_ext)`` into one flat float32 vector and **all-gathers it once**
    (W·H·K·(V + K) values per sequence for delta rules, W·H·(K·V + 1 or K) for decays: independent
    of T);
@@ -27,9 +27,10 @@ a zero transition, so the fold stops at sequence starts by itself.  Initial stat
 sequence on the rank holding its first token; final states are assembled from the gathered data
 (the per-sequence local final states are then part of the one all-gather).
 
-Usage (inside or outside ``jax.jit``)::
+Usage (inside or outside ``jax.jit``; ``mesh`` may also be the abstract mesh of ``jax.set_mesh``,
+which is how the models call it)::
 
-    mesh = parallelism.mesh.make_mesh({"data": 2, "sequence": 4})
+    mesh = lolax.parallelism.make_mesh({"data": 2, "sequence": 4})
     o, final = lasp2("gated_delta_rule", q, k, v, g=g, beta=beta, mesh=mesh,
                      output_final_state=True)
 
@@ -39,7 +40,6 @@ Batch and heads stay sharded as the rules table says when the mesh has those axe
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Any
 
@@ -48,18 +48,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from ops import _common as cm
-from parallelism import rules as _rules
+from ..ops import get_op
+from ..ops.common import checks, decay
+from ..ops.common.precision import einsum
+from ..ops.common.scan import vary_like
+from . import rules as _rules
 
 FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 DELTA_FAMILIES = ("delta_rule", "gated_delta_rule")
-NORMALIZE_EPS = 1e-10  # as ops.linear_attn
-
-_GATE_HEADS = {"g", "beta"}  # [B, T, H(V)] or [B, T, H, K] per-token gates
-
-
-def _op(family: str):
-    return getattr(importlib.import_module(f"ops.{family}"), f"chunk_{family}")
+NORMALIZE_EPS = 1e-10  # as lolax.ops.linear_attn
 
 
 def _axes_for(mesh, logical: str, size: int, exclude: tuple[str, ...]) -> tuple[str, ...]:
@@ -86,65 +83,70 @@ def check_sequence_split(T: int, mesh, axis_name: str) -> int:
     return T // W
 
 
-def lasp2(family: str, q, k, v, *, mesh: jax.sharding.Mesh, axis_name: str = "sequence",
-          **op_kwargs):
-    """``ops.<family>.chunk_<family>`` with T sharded over ``mesh`` axis ``axis_name`` (LASP-2).
+def lasp2(family: str, q, k, v, *, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+          axis_name: str = "sequence", **op_kwargs):
+    """``lolax.ops.get_op(family)`` with T sharded over ``mesh`` axis ``axis_name`` (LASP-2).
 
     Args:
       family: one of :data:`FAMILIES`.
       q, k: ``[B, T, H, K]``; v: ``[B, T, H(V), V]``, T divisible by the axis size.
-      mesh: the device mesh; ``axis_name`` its sequence axis.
+      mesh: the device mesh (or the abstract mesh of ``jax.set_mesh``); ``axis_name`` its
+        sequence axis.
       **op_kwargs: exactly what ``chunk_<family>`` takes (``g``, ``g_gamma``, ``beta``, ``scale``,
-        ``initial_state``, ``output_final_state``, ``normalize``/``initial_normalizer``
-        (linear_attn), ``use_qk_l2norm_in_kernel``, ``allow_neg_eigval``, ``cu_seqlens``,
+        ``initial_state``, ``output_final_state``, ``normalize`` (linear_attn),
+        ``use_qk_l2norm_in_kernel``, ``allow_neg_eigval``, ``state_v_first``, ``cu_seqlens``,
         ``chunk_size``, ...).
 
     Returns:
-      ``(o [B, T, H, V], final_state [N, H, K, V] float32 or None)`` equal to the unsharded op.
+      ``(o [B, T, H, V], final_state or None)`` equal to the unsharded op.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown linear family {family!r}; LASP-2 supports {FAMILIES}")
     kw = {key: val for key, val in op_kwargs.items() if val is not None}
-    output_final_state = bool(kw.pop("output_final_state", False))
-    if family == "linear_attn" and kw.pop("normalize", False):
-        return _normalized_linear_attn(q, k, v, mesh, axis_name, output_final_state, kw)
-    kw.pop("normalize", None)
-    if kw.get("initial_normalizer") is not None:
-        raise ValueError("initial_normalizer is only meaningful with normalize=True")
-    kw.pop("initial_normalizer", None)
-    return _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw)
+    output_final_state = checks.check_bool("output_final_state", kw.pop("output_final_state", False))
+    if family == "linear_attn":
+        if checks.check_bool("normalize", kw.pop("normalize", True)):     # chunk_linear_attn's default
+            return _normalized_linear_attn(q, k, v, mesh, axis_name, output_final_state, kw)
+        return _lasp2(family, q, k, v, mesh, axis_name, output_final_state, dict(kw, normalize=False))
+    v_first = checks.check_bool("state_v_first", kw.pop("state_v_first", False))
+    if v_first and "initial_state" in kw:
+        kw["initial_state"] = jnp.swapaxes(kw["initial_state"], -1, -2)
+    o, final = _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw)
+    return o, (jnp.swapaxes(final, -1, -2) if v_first and final is not None else final)
 
 
 def _normalized_linear_attn(q, k, v, mesh, axis_name, output_final_state, kw):
-    """``normalize=True``: the normaliser z is one more value column of ones (as ops.linear_attn)."""
-    B, T, H, _ = q.shape
+    """``normalize=True``: the key sum z is one more value column of ones (as lolax.ops.linear_attn)."""
+    checks.check_qkv(q, k, v)
+    B, T, H, K = q.shape
     V = v.shape[-1]
-    h0, z0 = kw.pop("initial_state", None), kw.pop("initial_normalizer", None)
+    h0 = kw.pop("initial_state", None)
+    S0, z0 = h0 if isinstance(h0, tuple) else (h0, None)
     v_aug = jnp.concatenate([v.astype(jnp.float32), jnp.ones((B, T, H, 1), jnp.float32)], -1)
-    if h0 is not None or z0 is not None:
-        N = h0.shape[0] if h0 is not None else z0.shape[0]
-        K = q.shape[-1]
-        S0 = jnp.zeros((N, H, K, V), jnp.float32) if h0 is None else h0
-        z = jnp.zeros((N, H, K), jnp.float32) if z0 is None else z0
+    if S0 is not None or z0 is not None:
+        N = S0.shape[0] if S0 is not None else z0.shape[0]
+        S0 = jnp.zeros((N, H, K, V), jnp.float32) if S0 is None else S0
+        z = jnp.zeros((N, H, K), jnp.float32) if z0 is None else z0[:, 0]
         kw["initial_state"] = jnp.concatenate([S0, z[..., None]], -1)
-    o, final = _lasp2("linear_attn", q, k, v_aug, mesh, axis_name, output_final_state, kw)
+    o, final = _lasp2("linear_attn", q, k, v_aug, mesh, axis_name, output_final_state, dict(kw, normalize=False))
     o = o[..., :V] / (o[..., V:] + NORMALIZE_EPS)
-    return o.astype(v.dtype), (final[..., :V] if final is not None else None)
+    return o.astype(v.dtype), (None if final is None else (final[..., :V], final[..., V][:, None]))
 
 
 def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
-    B, T, H, K, V = cm.check_qkv(q, k, v, allow_grouped_values=family == "gated_delta_rule")
+    B, T, H, K, V = checks.check_qkv(q, k, v, grouped_values=family == "gated_delta_rule")
     HV = v.shape[2]
     Tl = check_sequence_split(T, mesh, axis_name)
     W = mesh.shape[axis_name]
     cu = kw.pop("cu_seqlens", None)
     packed = cu is not None
-    N = cm.check_cu_seqlens(cu, B, T)
+    N = checks.check_cu_seqlens(cu, B, T)
     h0 = kw.pop("initial_state", None)
-    cm.check_initial_state(h0, N, HV, K, V)
+    if h0 is not None:
+        checks.check_state("initial_state", h0, (N, HV, K, V), "[N, HV, K, V]")
     if W == 1:
-        return _op(family)(q, k, v, initial_state=h0, output_final_state=output_final_state,
-                           cu_seqlens=cu, **kw)
+        return get_op(family)(q, k, v, initial_state=h0, output_final_state=output_final_state,
+                              cu_seqlens=cu, **kw)
 
     # ---- specs: sequence over axis_name; batch over data/fsdp and heads over tensor when they divide
     bax = () if packed else _axes_for(mesh, "batch", B, (axis_name,))
@@ -158,16 +160,17 @@ def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
             x = kw.pop(name)
             arrays[name] = x
             specs[name] = P(b, axis_name, h) if x.ndim == 3 else P(b, axis_name, h, None)
-    if "g_gamma" in kw:
-        arrays["g_gamma"] = jnp.asarray(kw.pop("g_gamma"), jnp.float32)
-        specs["g_gamma"] = P(h)
+    for name in ("g_gamma", "A_log", "dt_bias"):               # per-head parameters
+        if name in kw:
+            arrays[name] = jnp.asarray(kw.pop(name), jnp.float32)
+            specs[name] = P(h)
     if h0 is not None:
         arrays["h0"] = h0
         specs["h0"] = P(None if packed else b, h, None, None)
     if packed:
         arrays["cu"] = jnp.asarray(cu, jnp.int32)
         specs["cu"] = P()
-    scale = cm.resolve_scale(kw.pop("scale", None), K)
+    scale = checks.resolve_scale(kw.pop("scale", None), K)
     static = dict(kw)  # remaining static op kwargs (chunk_size, flags, ...)
 
     final_spec = P(None if packed else b, h, None, None)
@@ -179,7 +182,7 @@ def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
 
 def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static):
     delta = family in DELTA_FAMILIES
-    op = _op(family)
+    op = get_op(family)
 
     def body(a):
         q, k, v = a["q"], a["k"], a["v"]
@@ -187,7 +190,7 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
         HVl, V = v.shape[2], v.shape[3]
         r = jax.lax.axis_index(axis)
         off = r * Tl
-        gates = {n: a[n] for n in ("g", "beta", "g_gamma") if n in a}
+        gates = {n: a[n] for n in ("g", "beta", "g_gamma", "A_log", "dt_bias") if n in a}
         Nl = N if packed else Bl
         h0 = a.get("h0")
         if h0 is None:
@@ -214,7 +217,7 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
             eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (Nl, HVl, K, K))
             init1 = jnp.concatenate([init1, jnp.where(sel(crosses), eye, 0.0)], -1)
             v1 = jnp.concatenate([v.astype(jnp.float32), jnp.zeros(v.shape[:3] + (K,), jnp.float32)], -1)
-        init1 = cm.vary_like(init1, q)
+        init1 = vary_like(init1, q)
         o1, fin1 = op(q, k, v1, **gates, scale=scale, initial_state=init1, output_final_state=True,
                       cu_seqlens=local_cu, **static)
 
@@ -265,15 +268,15 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
         # ---- output: additive correction (decays) or re-run from S_in (delta rules)
         if delta:
             S_in_n = jnp.broadcast_to(S_in, (Nl,) + S_in.shape[1:]) if packed else S_in
-            init2 = cm.vary_like(jnp.where(sel(crosses), S_in_n, h0), q)
+            init2 = vary_like(jnp.where(sel(crosses), S_in_n, h0), q)
             o, _ = op(q, k, v, **gates, scale=scale, initial_state=init2, output_final_state=False,
                       cu_seqlens=local_cu, **static)
         else:
             qs = q.astype(jnp.float32) * scale
             if glog is not None:
-                G = jnp.cumsum(glog, axis=1)
-                qs = qs * jnp.exp(G if glog.ndim == 4 else G[..., None])
-            corr = jnp.einsum("bthk,bhkv->bthv", qs, S_in, precision=jax.lax.Precision.HIGHEST)
+                w = decay.decay_from_start(glog, axis=1)
+                qs = qs * (w if glog.ndim == 4 else w[..., None])
+            corr = einsum("bthk,bhkv->bthv", qs, S_in)
             keep = (jnp.arange(Tl) < cross_len)[None, :, None, None]
             o = (o1.astype(jnp.float32) + jnp.where(keep, corr, 0.0)).astype(o1.dtype)
 
@@ -302,13 +305,15 @@ def _log_decay(family, gates, q):
         return gates["g"].astype(jnp.float32)
     if "g" in gates:
         return gates["g"].astype(jnp.float32)
+    if "g_gamma" not in gates:                         # simple GLA without a decay
+        return None
     B, T = q.shape[:2]
     return jnp.broadcast_to(gates["g_gamma"][None, None, :], (B, T, gates["g_gamma"].shape[0]))
 
 
 def _apply_transition(delta: bool):
     if delta:
-        return lambda A, S: jnp.einsum("...kl,...lv->...kv", A, S, precision=jax.lax.Precision.HIGHEST)
+        return lambda A, S: einsum("...kl,...lv->...kv", A, S)
 
     def apply(a, S):
         return (a[..., None, None] if a.ndim == S.ndim - 2 else a[..., None]) * S

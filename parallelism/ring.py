@@ -1,4 +1,4 @@
-"""Softmax attention with the sequence sharded over a mesh axis (REFERENCE §3.5).
+"""Softmax attention with the sequence sharded over a mesh axis.
 
 Three exchanges, all exact (sharded == unsharded, forward and gradients), all with grouped-query
 heads (k/v with ``Hkv`` heads dividing H; query head h reads kv head ``h // (H // Hkv)``) and an
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from parallelism.lasp2 import _axes_for, _entry, check_sequence_split
+from .lasp2 import _axes_for, _entry, check_sequence_split
 
 MODES = ("ring", "ulysses", "allgather")
 _NEG = -1e30  # finite "minus infinity": a fully masked block gives weight exactly 0, never NaN

@@ -2,7 +2,7 @@
 
 Parameters carry logical axis names in their ``out_sharding`` metadata (``('embed', 'heads')``,
 ``('vocab', 'embed')``, ...; see ``models/layers.py``).  :data:`LOGICAL_RULES` maps each name to
-mesh axes of :mod:`parallelism.mesh`; everything else in this module applies that table:
+mesh axes of :mod:`lolax.parallelism.mesh`; everything else in this module applies that table:
 
 =================== ==================== ==============================================
 logical name        mesh axes            meaning
@@ -23,10 +23,11 @@ memory-efficient); unknown logical names are replicated too.
 
 Typical use (what ``experiments/trainer.py`` does)::
 
-    mesh = parallelism.mesh.make_mesh(config.mesh)
+    mesh = lolax.parallelism.make_mesh(config.mesh)
     graphdef, state, shardings = create_sharded(lambda: init_state(cfg, tx, seed), mesh)
     step = shard_step(make_train_step(graphdef, tx, donate=False), mesh, shardings)
-    state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, jax.device_put(batch, batch_sharding(mesh)))
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 LOGICAL_RULES: dict[str, tuple[str, ...] | str | None] = {
     "batch": ("data", "fsdp"),
@@ -195,61 +197,16 @@ def check_batch_divisible(mesh: jax.sharding.Mesh, batch_size: int, seq_len: int
 
 
 def shard_step(step: Callable, mesh: jax.sharding.Mesh, state_shardings_: Any,
-               batch_sharding_: NamedSharding | None = None, *, donate: bool = True,
-               sequence_axis: str | None = None, attention: str = "ring") -> Callable:
+               batch_sharding_: NamedSharding | None = None, *, donate: bool = True) -> Callable:
     """Jits ``step(state, batch) -> (state, metrics)`` with pinned in/out shardings.
 
     ``step`` may itself be jitted (it is inlined).  The state keeps ``state_shardings_`` in and out
     (so it can be donated); the batch takes ``batch_sharding_`` (default :func:`batch_sharding`);
-    metrics come back replicated.  With ``sequence_axis`` (e.g. ``'sequence'``, size > 1) every
-    call runs inside :func:`parallelism.sequence_parallel`, so the models' mixers trace their
-    sequence-parallel ops (LASP-2, ring / Ulysses / all-gather attention).
+    metrics come back replicated.  Call (and lower) the result under ``jax.set_mesh(mesh)``: the
+    models read the mesh while they are traced, and when its ``sequence`` axis is larger than 1
+    their mixers run sequence-parallel (LASP-2, ring / Ulysses / all-gather attention).
     """
-    from parallelism.context import sequence_parallel
-
     batch_sharding_ = batch_sharding(mesh) if batch_sharding_ is None else batch_sharding_
-    replicated = NamedSharding(mesh, P())
-
-    def fresh(state, batch):  # a new function object: jit caches are keyed on it, and must not
-        return step(state, batch)  # share a trace made outside (or under another) sequence context
-
-    jitted = jax.jit(fresh, in_shardings=(state_shardings_, batch_sharding_),
-                     out_shardings=(state_shardings_, replicated),
-                     donate_argnums=(0,) if donate else ())
-    if sequence_axis is None or mesh.shape.get(sequence_axis, 1) == 1:
-        return jitted
-
-    def run(state, batch):
-        with sequence_parallel(mesh, sequence_axis, attention):
-            return jitted(state, batch)
-
-    run.lower = lambda *a, **k: _lower_in_context(jitted, mesh, sequence_axis, attention, *a, **k)
-    return run
-
-
-def _lower_in_context(jitted, mesh, axis, attention, *args, **kwargs):
-    from parallelism.context import sequence_parallel
-    with sequence_parallel(mesh, axis, attention):
-        return jitted.lower(*args, **kwargs)
-
-
-def in_sequence_parallel(fn: Callable, mesh: jax.sharding.Mesh, axis: str = "sequence",
-                         attention: str = "ring") -> Callable:
-    """Wraps ``fn`` so every call (and hence its tracing) runs inside ``sequence_parallel``.
-
-    The context is read when a layer is *traced*; ``jax.jit`` caches traces by function identity
-    and ignores the context, so always trace a function under one context only (this wrapper
-    re-jits a fresh wrapper of an already jitted ``fn`` for that reason)."""
-    from parallelism.context import sequence_parallel
-
-    if mesh.shape.get(axis, 1) == 1:
-        return fn
-    if hasattr(fn, "lower"):  # a jitted function: re-jit a fresh wrapper so no cached trace made
-        inner = fn             # outside the sequence context is reused
-        fn = jax.jit(lambda *a, **k: inner(*a, **k))
-
-    def run(*args, **kwargs):
-        with sequence_parallel(mesh, axis, attention):
-            return fn(*args, **kwargs)
-
-    return run
+    return jax.jit(step, in_shardings=(state_shardings_, batch_sharding_),
+                   out_shardings=(state_shardings_, NamedSharding(mesh, P())),
+                   donate_argnums=(0,) if donate else ())

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops import feature_maps as fm
-from ops.linear_attn import naive_linear_attn
+from lolax.ops import feature_maps as fm
+from lolax.ops.linear_attn import naive_linear_attn
 
 
 def _x(shape, seed=0):

@@ -1,19 +1,16 @@
 """Mixer layers and language models: chunk vs recurrent forms, cached generation, padding and
 packing, parameter counts, logical axis names, config errors, the sequence-parallel hook."""
 
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from models import LanguageModel, ModelConfig, count_params, generate
-from models.config import MIXER_LETTERS
-from models.mixers import MIXERS
-from ops.testing import rel_rms_error
+from lolax.models import LanguageModel, ModelConfig, count_params, generate
+from lolax.models.config import MIXER_LETTERS
+from lolax.models.mixers import MIXERS
+from lolax.ops.testing import rel_rms_error
 
 ALL_KINDS = sorted(MIXERS)
 TINY = dict(d_model=16, num_heads=2, chunk_size=4, window=3, based_feature_dim=4, gla_gate_rank=4,
@@ -84,7 +81,7 @@ def assert_chunk_equals_prefill_then_steps(layer, cfg, name):
 
 
 def test_short_conv_step_matches_full_and_respects_segments():
-    from models.layers import ShortConv
+    from lolax.models.layers import ShortConv
     conv = ShortConv(3, 4, nnx.Rngs(0))
     u = jax.random.normal(jax.random.key(0), (1, 9, 3))
     full = conv(u)
@@ -174,7 +171,7 @@ def test_packed_batch_equals_per_sequence_runs(forward):
 
 
 def test_sampling_is_seeded_and_reuses_the_compiled_loop(hybrid):
-    from models.sampling import _generate
+    from lolax.models.sampling import _generate
     prompt = jax.random.randint(jax.random.key(1), (B, 6), 0, 64)       # same shapes as above
     a = generate(hybrid, prompt, 5, temperature=1.0, rng=jax.random.key(3), return_logits=True)[0]
     before = _generate._cache_size()
@@ -323,9 +320,10 @@ def test_every_preset_builds_and_traces():
         apply_preset({"preset": "nope"})
 
 
-def test_sequence_parallel_context_routes_ops_to_parallelism(monkeypatch):
-    """Under ``parallelism.sequence_parallel`` the layers call lasp2 / ring attention."""
-    import parallelism
+def test_a_mesh_with_a_sequence_axis_routes_ops_to_parallelism(monkeypatch):
+    """Traced under ``jax.set_mesh`` with a ``sequence`` axis larger than 1, the layers call LASP-2
+    and sequence-parallel attention (in the layer's ``sequence_attention`` mode); outside, they do not."""
+    from lolax.models import dispatch
     calls = []
 
     def lasp2(family, q, k, v, *, mesh, axis_name, **kw):
@@ -336,12 +334,16 @@ def test_sequence_parallel_context_routes_ops_to_parallelism(monkeypatch):
         calls.append(("ring", mode, axis_name, window))
         return jnp.zeros(q.shape[:3] + v.shape[3:], v.dtype)
 
-    monkeypatch.setitem(sys.modules, "parallelism.lasp2", types.SimpleNamespace(lasp2=lasp2))
-    monkeypatch.setitem(sys.modules, "parallelism.ring", types.SimpleNamespace(sequence_parallel_attention=ring))
-    mesh = jax.make_mesh((1,), ("sequence",), axis_types=(jax.sharding.AxisType.Explicit,))
-    model = LanguageModel(tiny_config("EGW"), nnx.Rngs(0))
-    with parallelism.sequence_parallel(mesh, axis="sequence", attention="ulysses"):
-        model(jnp.zeros((1, 8), jnp.int32))
-    assert calls == [("lasp2", "gated_delta_rule", "sequence", ("beta", "chunk_size", "g")),
+    monkeypatch.setattr(dispatch, "lasp2", lasp2)
+    monkeypatch.setattr(dispatch, "sequence_parallel_attention", ring)
+    model = LanguageModel(tiny_config("EGW", sequence_attention="ulysses"), nnx.Rngs(0))
+    trace = lambda: jax.eval_shape(lambda t: model(t), jax.ShapeDtypeStruct((1, 8), jnp.int32))  # tracing decides
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    trace()
+    with jax.set_mesh(jax.make_mesh((2, 4), ("data", "sequence"), axis_types=auto)):
+        trace()
+    with jax.set_mesh(jax.make_mesh((8, 1), ("data", "sequence"), axis_types=auto)):
+        trace()
+    assert calls == [("lasp2", "gated_delta_rule", "sequence", ("allow_neg_eigval", "beta", "chunk_size", "g")),
                      ("lasp2", "gla", "sequence", ("chunk_size", "g")),
                      ("ring", "ulysses", "sequence", 3)]

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ops import attention
-from ops.testing import assert_close
+from lolax.ops import attention
+from lolax.ops.testing import assert_close
 
 B, T, H, HK, D, DV, BLOCK = 2, 50, 4, 2, 8, 6, 16
 

@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from parallelism import hlo
-from parallelism.lasp2 import FAMILIES, lasp2, _op
+from lolax.ops import get_op as _op
+from lolax.parallelism import hlo
+from lolax.parallelism.lasp2 import FAMILIES, lasp2
 
 AUTO = jax.sharding.AxisType.Auto
 MESHES = {
@@ -35,7 +37,7 @@ def _inputs(family, B, T, seed=0, N=None):
     v = jax.random.normal(ks[2], (B, T, H, V))
     g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, H)) + 1.0)
     kw = {
-        "linear_attn": {},
+        "linear_attn": {"normalize": False},
         "simple_gla": {"g": g},
         "gla": {"g": jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H, K)) + 1.0)},
         "delta_rule": {"beta": jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))),
@@ -145,13 +147,13 @@ def test_lasp2_normalized_linear_attention_and_g_gamma():
     mesh = _mesh("8")
     q, k, v, h0, _ = _inputs("linear_attn", 2, 32)
     q, k = jax.nn.elu(q) + 1, jax.nn.elu(k) + 1
-    z0 = jnp.abs(jax.random.normal(jax.random.key(3), (2, H, K)))
-    kw = dict(normalize=True, initial_state=jnp.abs(h0), initial_normalizer=z0, output_final_state=True,
-              chunk_size=C)
-    ro, rs = _op("linear_attn")(q, k, v, **kw)
-    so, ss = jax.jit(lambda q, k, v: lasp2("linear_attn", q, k, v, mesh=mesh, **kw))(q, k, v)
+    z0 = jnp.abs(jax.random.normal(jax.random.key(3), (2, 1, H, K)))
+    kw = dict(normalize=True, initial_state=(jnp.abs(h0), z0), output_final_state=True, chunk_size=C)
+    ro, (rS, rz) = _op("linear_attn")(q, k, v, **kw)
+    so, (sS, sz) = jax.jit(lambda q, k, v: lasp2("linear_attn", q, k, v, mesh=mesh, **kw))(q, k, v)
     _close(so, ro)
-    _close(ss, rs)
+    _close(sS, rS)
+    _close(sz, rz)
     gamma = jnp.log(1 - 2.0 ** (-5 - jnp.arange(H, dtype=jnp.float32)))
     ro, rs = _op("simple_gla")(q, k, v, g_gamma=gamma, output_final_state=True, chunk_size=C)
     so, ss = jax.jit(lambda q, k, v: lasp2("simple_gla", q, k, v, g_gamma=gamma, mesh=mesh,

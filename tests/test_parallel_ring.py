@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from parallelism import hlo
-from parallelism.ring import MODES, sequence_parallel_attention
+from lolax.parallelism import hlo
+from lolax.parallelism.ring import MODES, sequence_parallel_attention
 
 AUTO = jax.sharding.AxisType.Auto
 MESHES = {"8": ((8,), ("sequence",)), "2x4": ((2, 4), ("data", "sequence")),
@@ -59,7 +60,7 @@ def test_sequence_parallel_attention_equals_unsharded(mode, mesh_name, window):
 
 def test_query_tiling(monkeypatch):
     """Long query blocks are split into tiles of _Q_BLOCK queries (score memory O(tile · Tk))."""
-    import parallelism.ring as ring
+    import lolax.parallelism.ring as ring
 
     monkeypatch.setattr(ring, "_Q_BLOCK", 2)
     mesh = _mesh("2x4")

@@ -5,12 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments.train_state import cross_entropy, init_state, make_train_step
-from models import ModelConfig
-from parallelism import mesh as pmesh
-from parallelism import rules
+from lolax.models import ModelConfig
+from lolax.parallelism import mesh as pmesh
+from lolax.parallelism import rules
 
 CFG = ModelConfig(vocab_size=256, d_model=32, num_layers=2, pattern="LS", num_heads=4, chunk_size=8)
 B, T = 8, 16

@@ -9,9 +9,9 @@ import pytest
 from flax import nnx
 
 from experiments.train_state import cross_entropy, init_state
-from models import ModelConfig
-from parallelism import rules
-from parallelism import mesh as pmesh
+from lolax.models import ModelConfig
+from lolax.parallelism import mesh as pmesh
+from lolax.parallelism import rules
 
 
 def _loss_and_grads(graphdef):
@@ -28,7 +28,7 @@ def _loss_and_grads(graphdef):
 ])
 def test_hybrid_model_sequence_parallel_equals_single_device(pattern, attention):
     cfg = ModelConfig(vocab_size=256, d_model=32, num_layers=len(pattern), pattern=pattern,
-                      num_heads=4, chunk_size=8)
+                      num_heads=4, chunk_size=8, sequence_attention=attention)
     tx = optax.adamw(1e-2)
     graphdef, state = init_state(cfg, tx, 0)
     tokens = np.random.default_rng(0).integers(0, 256, (4, 65)).astype(np.int32)
@@ -39,18 +39,19 @@ def test_hybrid_model_sequence_parallel_equals_single_device(pattern, attention)
     _, sstate, shardings = rules.create_sharded(lambda: init_state(cfg, tx, 0), mesh)
     bsh = rules.batch_sharding(mesh)
     assert bsh.spec == jax.sharding.PartitionSpec("data", "sequence")
-    f = rules.in_sequence_parallel(jax.jit(_loss_and_grads(graphdef), in_shardings=(shardings.params, bsh)),
-                                   mesh, "sequence", attention)
+    f = jax.jit(_loss_and_grads(graphdef), in_shardings=(shardings.params, bsh))
     sbatch = jax.device_put(batch, bsh)
-    loss, grads = f(sstate.params, sbatch)
+    with jax.set_mesh(mesh):                      # the layers read the mesh while they are traced
+        loss, grads = f(sstate.params, sbatch)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-6)
-    # the traced step really is sequence-parallel: LASP-2's all-gather and the ring's permutes
-    from parallelism.context import sequence_parallel
-    with sequence_parallel(mesh, "sequence", attention):
-        text = jax.jit(_loss_and_grads(graphdef)).lower(sstate.params, sbatch).as_text()
+    # the traced step really is sequence-parallel: LASP-2's all-gather and the ring's permutes;
+    # the same function traced without the mesh is not (the mesh is part of jit's trace context)
+    with jax.set_mesh(mesh):
+        text = f.lower(sstate.params, sbatch).as_text()
     assert "all_gather" in text and ("collective_permute" in text if attention == "ring" else True)
+    assert "all_gather" not in f.lower(sstate.params, sbatch).as_text()
 
 
 def test_trainer_mesh_section_defaults_and_errors():

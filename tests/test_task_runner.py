@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.tasks.sweeps import mqar_sweep, state_tracking_sweep
 from experiments.tasks import IGNORE
 from experiments.tasks.runner import decode_state_size, masked_loss_and_accuracy, task_model_config, train_on_task
+from experiments.tasks.sweeps import mqar_sweep, state_tracking_sweep
 
 
 def test_masked_loss_and_accuracy_ignore_positions():

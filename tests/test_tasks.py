@@ -5,8 +5,15 @@ import random
 import numpy as np
 import pytest
 
-from experiments.tasks import (IGNORE, LISTOPS_VOCAB, evaluate_listops, generate_listops, generate_mqar,
-                               generate_state_tracking, listops_tree)
+from experiments.tasks import (
+    IGNORE,
+    LISTOPS_VOCAB,
+    evaluate_listops,
+    generate_listops,
+    generate_mqar,
+    generate_state_tracking,
+    listops_tree,
+)
 from experiments.tasks.listops import tokens
 from experiments.tasks.mqar import power_law_gap_probs
 from experiments.tasks.state_tracking import permutation_table

@@ -11,7 +11,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments.configs.lm_shakespeare import get_config
 from experiments.data import load_corpus
@@ -19,7 +20,7 @@ from experiments.metrics import read_metrics
 from experiments.optimizers import make_optimizer
 from experiments.train_state import init_state, make_train_step
 from experiments.trainer import model_config, train
-from models import ModelConfig
+from lolax.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "experiments" / "configs" / "lm_shakespeare.py")
@@ -135,7 +136,8 @@ def test_workdir_with_incompatible_checkpoint_is_rejected(text_file, tmp_path):
     c = tiny_config(text_file, steps=10)
     train(c, str(tmp_path), show_progress=False)
     c.model.pattern = "SS"
-    with pytest.raises(ValueError, match=r"incompatible config[\s\S]*model.pattern: checkpoint has 'LS', config has 'SS'"):
+    with pytest.raises(ValueError,
+                       match=r"incompatible config[\s\S]*model.pattern: checkpoint has 'LS', config has 'SS'"):
         train(c, str(tmp_path), show_progress=False)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from experiments.configs.presets import apply_preset
-from models import LanguageModel, ModelConfig, count_params
+from lolax.models import LanguageModel, ModelConfig, count_params
 
 BASE = dict(vocab_size=256, d_model=128, num_layers=4, num_heads=4, chunk_size=64, window=256)
 DECODE_MODELS = {"linear_attn": "linear_attn", "gdn": "gdn", "softmax": "transformer", "swa": "swa"}

@@ -3,11 +3,11 @@
     python -m experiments.bench.ops                 # full run (about 10-20 minutes on 2 CPU cores)
     python -m experiments.bench.ops --quick --out /tmp/bench   # smoke run, a few seconds
 
-For every family found in ``ops`` (linear_attn, simple_gla, gla; delta_rule, gated_delta_rule
-when importable) it times the chunk and recurrent forms, forward and forward+backward, at
+For every family of ``lolax.ops`` (linear_attn unnormalised, simple_gla, gla, delta_rule,
+gated_delta_rule) it times the chunk and recurrent forms, forward and forward+backward, at
 B = 1, H = 4, K = V = 64 and T in {1K, 4K, 16K} (64K forward for the chunk forms), plus one
 head-size-128 run, against causal ``jax.nn.dot_product_attention`` (XLA, materialises T×T) and
-``ops.attention.softmax_attention`` (blockwise) when present.  Forms are timed round-robin at
+``lolax.ops.attention.softmax_attention`` (blockwise).  Forms are timed round-robin at
 each T (so a busy shared CPU slows them alike): the ratios are more trustworthy than the
 absolute times.  It measures the float32 matmul peak of this machine (best of large square
 matmuls) and reports each chunk form's achieved GFLOP/s against it, using the *nominal* chunk
@@ -20,7 +20,6 @@ against T) into ``--out``.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import platform
@@ -31,15 +30,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-FAMILIES = {
-    # name: (module, chunk fn, recurrent fn, gate kind, delta?)
-    "linear_attn": ("ops.linear_attn", "chunk_linear_attn", "recurrent_linear_attn", None, False),
-    "simple_gla": ("ops.simple_gla", "chunk_simple_gla", "recurrent_simple_gla", "scalar", False),
-    "gla": ("ops.gla", "chunk_gla", "recurrent_gla", "vector", False),
-    "delta_rule": ("ops.delta_rule", "chunk_delta_rule", "recurrent_delta_rule", None, True),
-    "gated_delta_rule": ("ops.gated_delta_rule", "chunk_gated_delta_rule",
-                         "recurrent_gated_delta_rule", "scalar", True),
-}
+from lolax.ops import FAMILIES as _FAMILY_NAMES
+from lolax.ops.testing import DELTA, GATES, family_op
+
+# name: (gate kind, delta rule?); linear attention runs unnormalised, as the other families do
+FAMILIES = {name: (GATES[name], name in DELTA) for name in _FAMILY_NAMES}
 
 
 def chunk_flops(family: str, B: int, T: int, H: int, K: int, V: int, C: int = 64) -> float:
@@ -51,7 +46,7 @@ def chunk_flops(family: str, B: int, T: int, H: int, K: int, V: int, C: int = 64
     does elementwise work (c·K exps per token for its 16×16 diagonal sub-blocks) that this count
     leaves out."""
     per_token = 2 * (C * K + C * V + 2 * K * V)
-    if FAMILIES[family][4]:
+    if FAMILIES[family][1]:
         per_token += 2 * (2 * C * K + C * V + K * V)
     return float(B * T * H * per_token)
 
@@ -84,7 +79,7 @@ def _inputs(family, B, T, H, K, V, seed=0):
     q, k, v = n(B, T, H, K), n(B, T, H, K), n(B, T, H, V)
     if family is None:          # softmax baselines
         return (q, k, v)
-    gate, delta = FAMILIES[family][3], FAMILIES[family][4]
+    gate, delta = FAMILIES[family]
     if delta:                   # the delta rule needs unit keys
         q = q / jnp.linalg.norm(q, axis=-1, keepdims=True)
         k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
@@ -135,16 +130,14 @@ def dot_product_attention(q, k, v):
 def load_forms(log):
     """{label: (family or None, fn, kind)} with kind in chunk / recurrent / softmax."""
     forms = {}
-    for fam, (mod, chunk, rec, _, _) in FAMILIES.items():
-        try:
-            m = importlib.import_module(mod)
-            forms[f"{fam}/chunk"] = (fam, getattr(m, chunk), "chunk")
-            forms[f"{fam}/recurrent"] = (fam, getattr(m, rec), "recurrent")
-        except Exception as e:  # noqa: BLE001 - any import problem means "skip this family"
-            log(f"skipping {fam}: {type(e).__name__}: {e}")
+    for fam, (gate, delta) in FAMILIES.items():
+        names = ("q", "k", "v") + (("g",) if gate else ()) + (("beta",) if delta else ())
+        for form, label in (("chunk", "chunk"), ("fused_recurrent", "recurrent")):
+            op = family_op(fam, form, output_final_state=False)
+            forms[f"{fam}/{label}"] = (fam, lambda *a, op=op, names=names: op(**dict(zip(names, a))), label)
     forms["softmax/jax.nn.dot_product_attention"] = (None, dot_product_attention, "softmax")
     try:
-        from ops.attention import softmax_attention
+        from lolax.ops.attention import softmax_attention
         forms["softmax/ops.attention (blockwise)"] = (None, softmax_attention, "softmax")
     except Exception as e:  # noqa: BLE001
         log(f"skipping ops.attention: {type(e).__name__}: {e}")

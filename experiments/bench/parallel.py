@@ -22,16 +22,18 @@ import os
 import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "JAX_NUM_CPU_DEVICES" not in os.environ and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+_FORCED = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+if "JAX_NUM_CPU_DEVICES" not in os.environ and not _FORCED:
     os.environ["JAX_NUM_CPU_DEVICES"] = "8"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from parallelism import hlo  # noqa: E402
-from parallelism.lasp2 import lasp2  # noqa: E402
-from parallelism.ring import sequence_parallel_attention  # noqa: E402
+from lolax.parallelism import hlo  # noqa: E402
+from lolax.parallelism.lasp2 import lasp2  # noqa: E402
+from lolax.parallelism.ring import sequence_parallel_attention  # noqa: E402
 
 METHODS = ("lasp2_simple_gla", "lasp2_gated_delta_rule", "ring", "ulysses", "allgather")
 B, H, D = 1, 8, 64          # batch, heads, head dim (K = V = D)

@@ -26,6 +26,7 @@ def get_config():
     c.model.pattern = "EEES"          # E: gated_deltanet (LASP-2), S: softmax (ring attention)
     c.model.num_heads = 4
     c.model.chunk_size = 64
+    c.model.sequence_attention = "ring"   # or "ulysses" (4 heads: needs sequence <= 4) / "allgather"
 
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 5
@@ -41,5 +42,4 @@ def get_config():
     c.mesh.fsdp = 1
     c.mesh.sequence = 8               # T / 8 = 4096 tokens per device
     c.mesh.tensor = 1
-    c.mesh.attention = "ring"         # or "ulysses" (4 heads: needs sequence <= 4) / "allgather"
     return c

@@ -5,20 +5,22 @@ e.g. ``--config.train.steps=3000 --config.model.pattern=LS --config.data.path=~/
 """
 
 import dataclasses
+import typing
 
 import ml_collections
 from ml_collections import config_dict
 
-from models import ModelConfig
+from lolax.models import ModelConfig
 
 
 def model_fields(**overrides) -> ml_collections.ConfigDict:
     """All ModelConfig fields with their defaults (typed placeholders for None), then overrides."""
     section = ml_collections.ConfigDict()
+    hints = typing.get_type_hints(ModelConfig)
     for field in dataclasses.fields(ModelConfig):
         value = overrides.get(field.name, field.default)
-        if value is None:
-            kind = {"float": float}.get(str(field.type).split(" ")[0], int)
+        if value is None:      # an optional field, `T | None`: a placeholder that accepts a T
+            kind, = (t for t in typing.get_args(hints[field.name]) if t is not type(None))
             value = config_dict.placeholder(kind)
         section[field.name] = value
     section.preset = overrides.get("preset", "")
@@ -44,7 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_layers=4,
         pattern="LLLS",          # L linear attention, S softmax; see models/config.py for all letters
         num_heads=4,
-        feature_map="elu+1",
+        feature_map="elu_plus_one",
         chunk_size=64,
         tie_embeddings=False,
     )
@@ -76,7 +78,6 @@ def get_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()   # parallelism.mesh axes; one of them may be -1 (fill)
     c.mesh.data = -1                 # devices on the data axis; -1 = all
     c.mesh.fsdp = 1                  # batch split + parameters/optimizer state sharded (ZeRO-3)
-    c.mesh.sequence = 1              # tokens split: LASP-2 for linear layers, see mesh.attention
+    c.mesh.sequence = 1              # tokens split: LASP-2 for linear layers, model.sequence_attention for softmax
     c.mesh.tensor = 1                # heads and MLP hidden units split
-    c.mesh.attention = "ring"        # softmax layers when sequence > 1: ring | ulysses | allgather
     return c

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # single families
     "transformer": {"pattern": "S"},
     "swa": {"pattern": "W", "window": 64},
-    "linear_attn": {"pattern": "L", "feature_map": "elu+1"},
+    "linear_attn": {"pattern": "L", "feature_map": "elu_plus_one"},
     "hedgehog": {"pattern": "H", "hedgehog_form": "fla"},
     "based": {"pattern": "BW", "based_feature_dim": 16, "window": 64},   # Taylor linear + SWA layers
     "retnet": {"pattern": "R"},

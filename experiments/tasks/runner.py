@@ -12,13 +12,15 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 from flax import nnx
 
 from experiments.configs.presets import apply_preset
+from experiments.optimizers import make_optimizer
 from experiments.tasks.common import IGNORE
-from models import LanguageModel, ModelConfig
+from experiments.train_state import init_state, make_train_step
+from lolax.models import LanguageModel, ModelConfig
 
 Batch = dict[str, np.ndarray]
 
@@ -53,23 +55,21 @@ def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], 
     ``stop_accuracy`` stops early once the first eval set reaches it (checked every
     ``eval_every`` steps), as Zoology does at 0.99.
     """
-    model = LanguageModel(model_cfg, nnx.Rngs(seed))
-    graphdef, params = nnx.split(model, nnx.Param)
-    num_params = sum(int(x.size) for x in jax.tree.leaves(params))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup, steps // 2), steps, 0.0)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=weight_decay))
-    opt_state = tx.init(params)
+    # the training step and optimizer of the language-model trainer, with the masked objective:
+    # AdamW, gradient clipping at 1, linear warm-up then cosine decay to 0
+    optim_cfg = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=learning_rate, warmup_steps=min(warmup, steps // 2), min_lr_ratio=0.0,
+        weight_decay=weight_decay, b1=0.9, b2=0.999, grad_clip=1.0, rank=-1, update_proj_gap=-1, scale=-1.0))
+    tx = make_optimizer(optim_cfg, steps)
+    graphdef, state = init_state(model_cfg, tx, seed)
+    num_params = sum(int(x.size) for x in jax.tree.leaves(state.params))
+    step = make_train_step(graphdef, tx, objective=lambda logits, batch: masked_loss_and_accuracy(
+        logits, batch["labels"])[0])
 
     def loss_fn(p, batch):
         logits, aux = nnx.merge(graphdef, p)(batch["inputs"], return_aux=True)
         loss, correct, count = masked_loss_and_accuracy(logits, batch["labels"])
         return loss + aux, (loss, correct, count)
-
-    @jax.jit
-    def step(p, o, batch):
-        (_, (loss, _, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
 
     @jax.jit
     def eval_step(p, batch):
@@ -87,17 +87,17 @@ def train_on_task(model_cfg: ModelConfig, sample_batch: Callable[[int], Batch], 
     first_eval = next(iter(eval_sets))
     for i in range(steps):
         batch = sample_batch(i)
-        params, opt_state, loss_value = step(params, opt_state, {k: jnp.asarray(batch[k]) for k in ("inputs", "labels")})
+        state, metrics = step(state, {k: jnp.asarray(batch[k]) for k in ("inputs", "labels")})
         done = i + 1
         if eval_every and done % eval_every == 0:
-            loss = float(loss_value)
-            acc = accuracy(params, eval_sets[first_eval])
+            loss = float(metrics["loss"])
+            acc = accuracy(state.params, eval_sets[first_eval])
             if log:
                 log(f"  step {done}: loss {loss:.4f}, {first_eval} accuracy {acc:.3f}")
             if stop_accuracy is not None and acc >= stop_accuracy:
                 break
-    loss = float(loss_value)
-    results = {name: accuracy(params, data) for name, data in eval_sets.items()}
+    loss = float(metrics["loss"])
+    results = {name: accuracy(state.params, data) for name, data in eval_sets.items()}
     return TaskResult(train_loss=loss, steps=done, seconds=time.perf_counter() - start, accuracy=results,
                       num_params=num_params)
 

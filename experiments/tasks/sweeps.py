@@ -64,7 +64,8 @@ def final_token_set(task: str, length: int, n: int, seed: int) -> dict[str, np.n
     return {"inputs": data["inputs"], "labels": labels}
 
 
-def state_tracking_sweep(tasks, mixers, train_length, test_lengths, d_model, num_layers, steps, batch, lr, seeds, test_examples,
+def state_tracking_sweep(tasks, mixers, train_length, test_lengths, d_model, num_layers, steps, batch, lr, seeds,
+                         test_examples,
         log=print):
     rows = []
     for task in tasks:

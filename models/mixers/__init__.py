@@ -4,12 +4,21 @@
 ``(cfg: ModelConfig, rngs, layer_idx=0)``.
 """
 
-from models.mixers.attention import SlidingWindowAttention, SoftmaxAttention
-from models.mixers.base import Context, Mixer, make_context
-from models.mixers.conv import BaseConv
-from models.mixers.linear import (GLA, BasedAttention, DeltaNet, GatedDeltaNet, HedgehogAttention,
-                                  Lightning, LinearAttention, RecurrentMixer, RetNet)
-from models.mixers.mom import MoM
+from .attention import SlidingWindowAttention, SoftmaxAttention
+from .base import Context, Mixer, make_context
+from .conv import BaseConv
+from .linear import (
+                                  GLA,
+                                  BasedAttention,
+                                  DeltaNet,
+                                  GatedDeltaNet,
+                                  HedgehogAttention,
+                                  Lightning,
+                                  LinearAttention,
+                                  RecurrentMixer,
+                                  RetNet,
+)
+from .mom import MoM
 
 MIXERS = {
     "linear_attn": LinearAttention, "hedgehog": HedgehogAttention, "based": BasedAttention,

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import dispatch
-from models.config import ModelConfig
-from models.layers import dense, rotary
-from models.mixers.base import Mixer
+from .. import dispatch
+from ..config import ModelConfig
+from ..layers import dense, rotary
+from .base import Mixer
 
 
 class SoftmaxAttention(Mixer):
@@ -24,6 +24,7 @@ class SoftmaxAttention(Mixer):
         h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
         self.rope_theta, self.window = cfg.rope_theta, window
+        self.sequence_attention = cfg.sequence_attention
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
         self.v_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
@@ -44,7 +45,8 @@ class SoftmaxAttention(Mixer):
         q, k, v = self._qkv(x, ctx.positions)
         if mode == "step":
             return self._decode(q, k, v, cache, index)
-        o = dispatch.attention(q, k, v, window=self.window, cu_seqlens=ctx.cu_seqlens, valid=ctx.valid)
+        o = dispatch.attention(q, k, v, window=self.window, cu_seqlens=ctx.cu_seqlens, valid=ctx.valid,
+                               sequence_mode=self.sequence_attention)
         y = self.o_proj(o.reshape(b, t, -1))
         new_cache = None
         if mode == "prefill":

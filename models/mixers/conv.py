@@ -10,9 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import ShortConv, dense
-from models.mixers.base import Mixer
+from ..config import ModelConfig
+from ..layers import ShortConv, dense
+from .base import Mixer
 
 
 class BaseConv(Mixer):

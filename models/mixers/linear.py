@@ -2,14 +2,14 @@
 
 | class | op family | parameters (besides ``q/k/v/o_proj``) |
 |---|---|---|
-| :class:`LinearAttention` | ``linear_attn`` | feature map (identity, elu+1, relu, hedgehog, taylor), per-head RMSNorm |
+| :class:`LinearAttention` | ``linear_attn`` | a feature map (``lolax.ops.feature_maps``), per-head RMSNorm |
 | :class:`HedgehogAttention` | ``linear_attn`` | learnable Hedgehog maps ``q_map``/``k_map`` ``[H, D, D']`` |
 | :class:`BasedAttention` | ``linear_attn`` (normalised) | q/k projected to ``based_feature_dim``, Taylor map |
 | :class:`RetNet` | ``simple_gla`` (``g_gamma``) | rotary q/k, output gate ``g_proj``, gated RMSNorm |
 | :class:`Lightning` | ``simple_gla`` (``g_gamma``) | SiLU q/k, output gate, gated RMSNorm |
 | :class:`GLA` | ``gla`` | low-rank gate ``gk_down_proj``/``gk_up_proj``, output gate, gated RMSNorm |
 | :class:`DeltaNet` | ``delta_rule`` | short convs, L2 q/k, ``b_proj`` (beta), per-head RMSNorm |
-| :class:`GatedDeltaNet` | ``gated_delta_rule`` | short convs, L2 q/k, ``a_proj``, ``A_log``, ``dt_bias``, ``b_proj``, output gate |
+| :class:`GatedDeltaNet` | ``gated_delta_rule`` | DeltaNet's, plus ``a_proj``, ``A_log``, ``dt_bias``, output gate |
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models import dispatch
-from models.config import ModelConfig
-from models.layers import GatedRMSNorm, RMSNorm, ShortConv, dense, l2norm, param, rotary
-from models.mixers.base import Mixer
-from ops import feature_maps as fm
+from ...ops import feature_maps as fm
+from .. import dispatch
+from ..config import ModelConfig
+from ..layers import GatedRMSNorm, RMSNorm, ShortConv, dense, l2norm, param, rotary
+from .base import Mixer
 
 F32 = jnp.float32
 
@@ -83,22 +83,15 @@ class RecurrentMixer(Mixer):
                 if inp.get(name) is not None:
                     shape = valid.shape + (1,) * (inp[name].ndim - 2)
                     inp[name] = jnp.where(valid.reshape(shape), inp[name], 0)
-        normalize = inp.get("normalize", False)
         kw = dict(inp)
         if mode == "step":
             kw.update(initial_state=cache["state"], output_final_state=True)
-            if normalize:
-                kw["initial_normalizer"] = cache["z"]
         elif mode == "prefill":
             kw["output_final_state"] = True
         o, state = dispatch.linear(self.family, q, k, v, mode="recurrent" if mode == "step" else "chunk",
                                    chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens, **kw)
-        new_cache = None
-        if mode != "full":
-            new_cache = {"state": state, "conv": conv.out}
-            if normalize:
-                z = jnp.sum(k.astype(F32), axis=1)
-                new_cache["z"] = z + cache["z"] if mode == "step" else z
+        # the decoding cache: the op's final state ((S, z) for normalised linear attention), conv states
+        new_cache = None if mode == "full" else {"state": state, "conv": conv.out}
         y, aux = self._output(o, x, extras), extras.get("_aux", jnp.zeros((), F32))
         return y, aux, new_cache
 
@@ -111,8 +104,8 @@ class LinearAttention(RecurrentMixer):
     """Causal linear attention ``o_t = sum_{s<=t} (phi(q_t) . phi(k_s)) v_s`` with ``cfg.feature_map``.
 
     The head outputs are RMS-normalised (as in FLA's LinearAttention) unless ``cfg.normalize``,
-    which divides by ``s phi(q_t) . sum phi(k)`` instead (positive maps only).  ``hedgehog`` and
-    ``taylor`` maps use scale 1 (their temperature is built in).
+    which divides by ``s phi(q_t) . sum phi(k)`` instead (positive maps only).  Maps that contain
+    their temperature (``hedgehog``, ``based_taylor``) use scale 1.
     """
 
     family = "linear_attn"
@@ -139,15 +132,8 @@ class LinearAttention(RecurrentMixer):
         self.o_norm = None if self.normalize else RMSNorm(d, cfg.norm_eps, axis_name="kv")
 
     def _phi(self, x, which):
-        name = self.feature_map
-        if name == "identity":
-            return x
-        if name == "elu+1":
-            return fm.elu_plus_one(x)
-        if name == "relu":
-            return fm.relu(x)
-        if name == "taylor":
-            return fm.based_taylor(x)
+        if self.feature_map != "hedgehog":
+            return fm.FEATURE_MAPS[self.feature_map](x)
         weight = (self.q_map if which == "q" else self.k_map)[...]
         return fm.hedgehog(x, weight.astype(x.dtype), form=self.hedgehog_form)
 
@@ -155,7 +141,7 @@ class LinearAttention(RecurrentMixer):
         q = self._phi(_heads(self.q_proj(x), self.num_heads), "q")
         k = self._phi(_heads(self.k_proj(x), self.num_heads), "k")
         v = _heads(self.v_proj(x), self.num_heads)
-        scale = 1.0 if self.feature_map in ("hedgehog", "taylor") else None
+        scale = 1.0 if self.feature_map in fm.TEMPERATURE_INCLUDED else None
         return {"q": q, "k": k, "v": v, "scale": scale, "normalize": self.normalize}
 
     def _output(self, o, x, extras):
@@ -218,7 +204,7 @@ class RetNet(_GatedOutput):
     family = "simple_gla"
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
-        from ops.simple_gla import retnet_g_gamma
+        from ...ops.simple_gla import retnet_g_gamma
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.chunk_size, self.rope_theta = h, cfg.chunk_size, cfg.rope_theta
         with jax.ensure_compile_time_eval():
@@ -242,7 +228,7 @@ class Lightning(_GatedOutput):
     family = "simple_gla"
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
-        from ops.simple_gla import lightning_g_gamma
+        from ...ops.simple_gla import lightning_g_gamma
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.chunk_size = h, cfg.chunk_size
         with jax.ensure_compile_time_eval():
@@ -326,7 +312,7 @@ class DeltaNet(RecurrentMixer):
         q = l2norm(_heads(conv("q", self.q_conv, self.q_proj(x)), h))
         k = l2norm(_heads(conv("k", self.k_conv, self.k_proj(x)), h))
         v = _heads(conv("v", self.v_conv, self.v_proj(x)), hv)
-        return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x))}
+        return {"q": q, "k": k, "v": v, "beta": self._beta(self.b_proj(x)), "allow_neg_eigval": self.neg}
 
     def _output(self, o, x, extras):
         return self.o_proj(self.o_norm(o).reshape(o.shape[:2] + (-1,)))

@@ -3,7 +3,7 @@
 A router ``W_r x_t`` over M memories picks the top-k (softmax, renormalised weights).  Every
 memory has its own k, v, beta and decay projections (q is shared) and its own state; memory m
 only sees the tokens routed to it (an unrouted token has k = 0, beta = 0 and g = 0, so it
-neither writes nor decays m's state, REFERENCE §1.8).  All memories run as one op call with the
+neither writes nor decays m's state).  All memories run as one op call with the
 memories stacked on the head axis.  ``o_t = sum_{m in topk(t)} w_{t,m} o_t^(m)`` (+ the optional
 shared memory, which sees every token with weight 1), then a gated RMSNorm and ``o_proj``.
 
@@ -19,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import GatedRMSNorm, dense, l2norm, param
-from models.mixers.linear import (F32, RecurrentMixer, _conv_or_none, _heads, gdn_gate,
-                                  gdn_gate_init)
+from ..config import ModelConfig
+from ..layers import GatedRMSNorm, dense, l2norm, param
+from .linear import F32, RecurrentMixer, _conv_or_none, _heads, gdn_gate, gdn_gate_init
 
 
 class MoM(RecurrentMixer):
@@ -81,6 +80,7 @@ class MoM(RecurrentMixer):
         beta = jax.nn.sigmoid(self.b_proj(x).astype(F32)) * (2.0 if self.neg else 1.0)
         g = gdn_gate(self.a_proj(x), self.A_log[...], self.dt_bias[...])
         return {"q": q, "k": k, "v": v, "beta": jnp.where(r, beta, 0.0), "g": jnp.where(r, g, 0.0),
+                "allow_neg_eigval": self.neg,
                 "_weights": weights, "_aux": aux}
 
     def _output(self, o, x, extras):

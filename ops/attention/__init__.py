@@ -8,8 +8,13 @@ Sliding-window convention: query i attends keys ``i − window < j <= i``, i.e. 
 including itself (FlashAttention's ``window_size=(window − 1, 0)``).
 """
 
-from ops.attention.softmax import (attention_step, naive_sliding_window_attention, naive_softmax_attention,
-                                   sliding_window_attention, softmax_attention)
+from .softmax import (
+                                   attention_step,
+                                   naive_sliding_window_attention,
+                                   naive_softmax_attention,
+                                   sliding_window_attention,
+                                   softmax_attention,
+)
 
 __all__ = ["softmax_attention", "sliding_window_attention", "naive_softmax_attention",
            "naive_sliding_window_attention", "attention_step"]

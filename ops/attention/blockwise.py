@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ..common.precision import einsum
+
 _MASKED = -1e30
 
 
@@ -55,7 +57,7 @@ def _num_steps(nb, b, causal, window):
 
 def _scores(qb, kblk, scale):
     # qb [B, nb, b, Hk, G, D], kblk [B, nb, b, Hk, D] -> [B, nb, Hk, G, bq, bk]
-    return jnp.einsum("bnqhgd,bnkhd->bnhgqk", qb, kblk) * scale
+    return einsum("bnqhgd,bnkhd->bnhgqk", qb, kblk) * scale
 
 
 def _forward(q, k, v, seg, *, scale, causal, window, b):
@@ -78,15 +80,16 @@ def _forward(q, k, v, seg, *, scale, causal, window, b):
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         corr = jnp.exp(m - m_new)
         l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum("bnhgqk,bnkhd->bnhgqd", p, vbk[:, kbc])
+        acc = acc * corr[..., None] + einsum("bnhgqk,bnkhd->bnhgqd", p, vbk[:, kbc])
         return (m_new, l, acc), None
 
     init = (jnp.full((B, nb, Hk, G, b), _MASKED, jnp.float32), jnp.zeros((B, nb, Hk, G, b), jnp.float32),
             jnp.zeros((B, nb, Hk, G, b, Dv), jnp.float32))
     (m, l, acc), _ = jax.lax.scan(body, init, jnp.arange(_num_steps(nb, b, causal, window)))
-    safe = l > 0
-    o = jnp.where(safe[..., None], acc / jnp.where(safe, l, 1.0)[..., None], 0.0)
-    lse = jnp.where(safe, m + jnp.log(jnp.where(safe, l, 1.0)), 0.0)   # [B, nb, Hk, G, b]
+    # Rows with no key at all (padding past T) give zeros; a NaN anywhere in a row stays NaN.
+    empty = l == 0
+    o = jnp.where(empty[..., None], 0.0, acc / jnp.where(empty, 1.0, l)[..., None])
+    lse = jnp.where(empty, 0.0, m + jnp.log(jnp.where(empty, 1.0, l)))   # [B, nb, Hk, G, b]
     o = jnp.moveaxis(o, 4, 2).reshape(B, nb * b, H, Dv)[:, :T]          # [B, T, H, Dv]
     return o, lse
 
@@ -126,11 +129,11 @@ def _bwd(scale, causal, window, b, res, do):
         kblk, vblk = kbk[:, kbc], vbk[:, kbc]
         s = _scores(qb, kblk, scale)
         p = jnp.where(mask, jnp.exp(jnp.where(mask, s, 0.0) - lse[..., None]), 0.0)
-        dv_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", p, dob)
-        dp = jnp.einsum("bnqhgd,bnkhd->bnhgqk", dob, vblk)
+        dv_blk = einsum("bnhgqk,bnqhgd->bnkhd", p, dob)
+        dp = einsum("bnqhgd,bnkhd->bnhgqk", dob, vblk)
         ds = p * (dp - delta[..., None]) * scale
-        dq = dq + jnp.einsum("bnhgqk,bnkhd->bnqhgd", ds, kblk)
-        dk_blk = jnp.einsum("bnhgqk,bnqhgd->bnkhd", ds, qb)
+        dq = dq + einsum("bnhgqk,bnkhd->bnqhgd", ds, kblk)
+        dk_blk = einsum("bnhgqk,bnqhgd->bnkhd", ds, qb)
         dk = dk.at[:, kbc].add(dk_blk)                                  # masked entries add zero
         dv = dv.at[:, kbc].add(dv_blk)
         return (dq, dk, dv), None

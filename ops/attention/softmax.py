@@ -5,15 +5,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ops import _common
-from ops.attention.blockwise import blockwise_attention
+from ..common import checks
+from ..common.precision import einsum
+from .blockwise import blockwise_attention
+
+# Compiled as a whole, so that a call outside jit compiles once (inside jit it is inlined).
+_blockwise = jax.jit(blockwise_attention, static_argnums=(4, 5, 6, 7))
 
 
 def _check(q, k, v, cu_seqlens):
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(getattr(x, "shape", ())) != 4:
-            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {getattr(x, 'shape', ())}")
-        _common.check_float(name, x)
+        checks.check_float(name, x)
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, T, H, D], got shape {x.shape}")
     B, T, H, D = q.shape
     if k.shape[:2] != (B, T) or k.shape[3] != D:
         raise ValueError(f"k must have shape [B={B}, T={T}, Hk, D={D}], got {k.shape}")
@@ -24,7 +28,7 @@ def _check(q, k, v, cu_seqlens):
         raise ValueError(f"v must have shape [B={B}, T={T}, Hk={Hk}, Dv] like k, got {v.shape}")
     if T < 1:
         raise ValueError(f"sequence length must be at least 1, got q shape {q.shape}")
-    _common.check_cu_seqlens(cu_seqlens, B, T)
+    checks.check_cu_seqlens(cu_seqlens, B, T)
     return B, T, H, D
 
 
@@ -61,11 +65,17 @@ def softmax_attention(q, k, v, scale=None, causal=True, cu_seqlens=None, *, bloc
 
     Returns:
       o ``[B, T, H, Dv]`` in v's dtype (computed in float32).
+
+    >>> import jax
+    >>> q = jax.random.normal(jax.random.key(0), (1, 100, 4, 16))
+    >>> k, v = jax.random.normal(jax.random.key(1), (2, 1, 100, 2, 16))      # 2 kv heads (GQA)
+    >>> softmax_attention(q, k, v, block_size=32).shape
+    (1, 100, 4, 16)
     """
     B, T, H, D = _check(q, k, v, cu_seqlens)
     _check_block(block_size)
-    scale = _common.resolve_scale(scale, D)
-    o = blockwise_attention(*_f32(q, k, v), _segments(cu_seqlens, T), float(scale), bool(causal), None,
+    scale = checks.resolve_scale(scale, D)
+    o = _blockwise(*_f32(q, k, v), _segments(cu_seqlens, T), float(scale), bool(causal), None,
                             min(block_size, T))
     return o.astype(v.dtype)
 
@@ -76,23 +86,28 @@ def sliding_window_attention(q, k, v, window, scale=None, cu_seqlens=None, *, bl
     ``window`` counts the keys including the query itself (window = 1: each token sees only itself;
     window >= T: full causal attention).  Cost O(T·(window + block_size)); other arguments and the
     return as in :func:`softmax_attention`.
+
+    >>> import jax
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 100, 2, 16))
+    >>> sliding_window_attention(q, k, v, window=8, block_size=32).shape
+    (1, 100, 2, 16)
     """
     B, T, H, D = _check(q, k, v, cu_seqlens)
     _check_window(window)
     _check_block(block_size)
-    scale = _common.resolve_scale(scale, D)
-    o = blockwise_attention(*_f32(q, k, v), _segments(cu_seqlens, T), float(scale), True,
+    scale = checks.resolve_scale(scale, D)
+    o = _blockwise(*_f32(q, k, v), _segments(cu_seqlens, T), float(scale), True,
                             None if window >= T else window, min(block_size, T))
     return o.astype(v.dtype)
 
 
 def _naive(q, k, v, scale, causal, window, cu_seqlens):
     B, T, H, D = _check(q, k, v, cu_seqlens)
-    scale = _common.resolve_scale(scale, D)
+    scale = checks.resolve_scale(scale, D)
     q, k, v = _f32(q, k, v)
     G = H // k.shape[2]
     k, v = jnp.repeat(k, G, axis=2), jnp.repeat(v, G, axis=2)
-    s = jnp.einsum("bihd,bjhd->bhij", q, k) * scale
+    s = einsum("bihd,bjhd->bhij", q, k) * scale
     i = jnp.arange(T)
     mask = jnp.ones((T, T), bool)
     if causal:
@@ -104,16 +119,29 @@ def _naive(q, k, v, scale, causal, window, cu_seqlens):
         mask = mask & (seg[0][:, None] == seg[0][None, :])
     s = jnp.where(mask, s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    return jnp.einsum("bhij,bjhd->bihd", p, v)
+    return einsum("bhij,bjhd->bihd", p, v)
 
 
 def naive_softmax_attention(q, k, v, scale=None, causal=True, cu_seqlens=None, *, block_size=None):
-    """Oracle: materialises the T×T scores in float32.  Returns o ``[B, T, H, Dv]`` float32."""
+    """Oracle: materialises the T×T scores in float32.  Returns o ``[B, T, H, Dv]`` float32.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 40, 2, 8))
+    >>> bool(jnp.allclose(naive_softmax_attention(q, k, v), softmax_attention(q, k, v), atol=1e-5))
+    True
+    """
     return _naive(q, k, v, scale, causal, None, cu_seqlens)
 
 
 def naive_sliding_window_attention(q, k, v, window, scale=None, cu_seqlens=None, *, block_size=None):
-    """Oracle of :func:`sliding_window_attention` (T×T float32).  Returns o ``[B, T, H, Dv]`` float32."""
+    """Oracle of :func:`sliding_window_attention` (T×T float32).  Returns o ``[B, T, H, Dv]`` float32.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 40, 2, 8))
+    >>> o = naive_sliding_window_attention(q, k, v, window=1)       # each token sees only itself
+    >>> bool(jnp.allclose(o, v))
+    True
+    """
     _check_window(window)
     return _naive(q, k, v, scale, True, window, cu_seqlens)
 
@@ -130,6 +158,12 @@ def attention_step(q_t, k_cache, v_cache, valid_mask, scale=None):
 
     Returns:
       o_t ``[B, H, Dv]`` in v_cache's dtype.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 10, 2, 8))
+    >>> o_t = attention_step(q[:, -1], k, v, jnp.ones((1, 10), bool))
+    >>> bool(jnp.allclose(o_t, softmax_attention(q, k, v)[:, -1], atol=1e-5))
+    True
     """
     if len(getattr(q_t, "shape", ())) != 3:
         raise ValueError(f"q_t must have rank 3 [B, H, D], got shape {getattr(q_t, 'shape', ())}")
@@ -142,11 +176,11 @@ def attention_step(q_t, k_cache, v_cache, valid_mask, scale=None):
         raise ValueError(f"k_cache {k_cache.shape} / v_cache {v_cache.shape} do not match q_t {q_t.shape}")
     if getattr(valid_mask, "shape", ()) != (B, S):
         raise ValueError(f"valid_mask must have shape [B={B}, S={S}], got {getattr(valid_mask, 'shape', ())}")
-    scale = _common.resolve_scale(scale, D)
+    scale = checks.resolve_scale(scale, D)
     qf, kf, vf = _f32(q_t, k_cache, v_cache)
     qf = qf.reshape(B, Hk, H // Hk, D)
-    s = jnp.einsum("bhgd,bshd->bhgs", qf, kf) * scale
+    s = einsum("bhgd,bshd->bhgs", qf, kf) * scale
     s = jnp.where(valid_mask[:, None, None, :], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhgs,bshd->bhgd", p, vf)
+    o = einsum("bhgs,bshd->bhgd", p, vf)
     return o.reshape(B, H, -1).astype(v_cache.dtype)

@@ -1,74 +1,63 @@
-"""Naive delta rule: the simplest float32 token-by-token recurrence, the oracle for the other forms.
-
-Packed sequences (``cu_seqlens``) are run one by one in a Python loop, so ``cu_seqlens`` must be
-concrete (not traced) here.
-"""
+"""The float32 oracle of DeltaNet: the delta rule, token by token."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ops.delta_rule import _args
-
-
-def naive_recurrence(q, k, v, g, beta, h0):
-    """One batch of sequences, float32: q (pre-scaled), k ``[B, T, H, K]``, v ``[B, T, H, V]``,
-    g (or None), beta ``[B, T, H]``, h0 ``[B, H, K, V]``.  Returns ``(o [B, T, H, V], h_T)``.
-
-    ``S_t = exp(g_t) S_{t-1};  S_t += beta_t k_t (v_t - S_tᵀ k_t)ᵀ;  o_t = S_tᵀ q_t``.
-    """
-    if g is None:
-        g = jnp.zeros(beta.shape, jnp.float32)
-
-    def step(S, x):
-        q_t, k_t, v_t, g_t, b_t = x
-        S = S * jnp.exp(g_t)[..., None, None]
-        pred = jnp.einsum("bhk,bhkv->bhv", k_t, S)
-        S = S + jnp.einsum("bhk,bhv->bhkv", k_t, b_t[..., None] * (v_t - pred))
-        return S, jnp.einsum("bhk,bhkv->bhv", q_t, S)
-
-    xs = tuple(jnp.moveaxis(a, 1, 0) for a in (q, k, v, g, beta))
-    hT, o = jax.lax.scan(step, h0, xs)
-    return jnp.moveaxis(o, 0, 1), hT
-
-
-def naive_core(p: _args.Prepared, cu_seqlens, output_final_state: bool):
-    B, T, H, K = p.k.shape
-    V = p.v.shape[-1]
-    h0 = p.initial_state
-    if h0 is None:
-        h0 = jnp.zeros((p.num_seqs, H, K, V), jnp.float32)
-    if cu_seqlens is None:
-        o, hT = naive_recurrence(p.q, p.k, p.v, p.g, p.beta, h0)
-    else:
-        if isinstance(cu_seqlens, jax.core.Tracer):
-            raise ValueError("naive_* ops loop over packed sequences in Python: cu_seqlens must be concrete")
-        cu = np.asarray(cu_seqlens)
-        outs, finals = [], []
-        for n in range(p.num_seqs):
-            a, b = int(cu[n]), int(cu[n + 1])
-            if a == b:
-                finals.append(h0[n])
-                continue
-            sl = lambda x: None if x is None else x[:, a:b]
-            o_n, h_n = naive_recurrence(sl(p.q), sl(p.k), sl(p.v), sl(p.g), sl(p.beta), h0[n][None])
-            outs.append(o_n)
-            finals.append(h_n[0])
-        o = jnp.concatenate(outs, axis=1)
-        hT = jnp.stack(finals)
-    return o.astype(p.out_dtype), (hT if output_final_state else None)
+from ..common import checks
 
 
 def naive_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
-                     use_qk_l2norm_in_kernel=False, allow_neg_eigval=False, cu_seqlens=None, *,
-                     chunk_size=None, use_qk_l2norm=None):
-    """Float32 reference of :func:`ops.delta_rule.chunk_delta_rule` (same arguments and returns).
+                     use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, use_beta_sigmoid_in_kernel=False,
+                     allow_neg_eigval=False, state_v_first=False):
+    """``S_t = S_{t-1} + β_t k_t (v_t - S_{t-1}ᵀ k_t)ᵀ``, ``o_t = S_tᵀ (s q_t)``, one sequence at a
+    time, in float32.
 
-    ``chunk_size`` is accepted for signature compatibility and ignored.
+    Same arguments and returns as :func:`~lolax.ops.delta_rule.chunk_delta_rule`; ``cu_seqlens``
+    must be concrete (sequences are looped over in Python).
+
+    >>> import jax.numpy as jnp
+    >>> q = k = jnp.ones((1, 2, 1, 1)); v = jnp.array([2.0, 4.0]).reshape(1, 2, 1, 1)
+    >>> o, _ = naive_delta_rule(q, k, v, 0.5 * jnp.ones((1, 2, 1)), scale=1.0)
+    >>> o[0, :, 0, 0]
+    Array([1. , 2.5], dtype=float32)
     """
-    p = _args.prepare(q, k, v, None, beta, scale=scale, initial_state=initial_state,
-                      use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_qk_l2norm=use_qk_l2norm,
-                      allow_neg_eigval=allow_neg_eigval, cu_seqlens=cu_seqlens, gated=False)
-    return naive_core(p, cu_seqlens, output_final_state)
+    B, T, H, K, V = checks.check_qkv(q, k, v)
+    N = checks.check_cu_seqlens(cu_seqlens, B, T)
+    checks.check_bool("output_final_state", output_final_state)
+    v_first = checks.check_bool("state_v_first", state_v_first)
+    l2 = checks.check_bool("use_qk_l2norm_in_kernel", use_qk_l2norm_in_kernel)
+    logits = checks.check_bool("use_beta_sigmoid_in_kernel", use_beta_sigmoid_in_kernel)
+    top = 2.0 if checks.check_bool("allow_neg_eigval", allow_neg_eigval) else 1.0
+    checks.check_shape("beta", beta, (B, T, H), "[B, T, H]")
+    S0 = checks.initial_state_kv(initial_state, N, H, K, V, v_first)
+    S0 = jnp.zeros((N, H, K, V), jnp.float32) if S0 is None else S0
+    scale = checks.resolve_scale(scale, K)
+    out_dtype = v.dtype
+    q, k, v, beta = (jnp.asarray(x, jnp.float32) for x in (q, k, v, beta))
+    if logits:
+        beta = top * jax.nn.sigmoid(beta)
+    else:
+        checks.check_range("beta", beta, 0.0, top, f"in [0, {top:g}]")
+    if l2:
+        q = q / jnp.sqrt(jnp.sum(q * q, axis=-1, keepdims=True) + 1e-6)
+        k = k / jnp.sqrt(jnp.sum(k * k, axis=-1, keepdims=True) + 1e-6)
+
+    def step(S, x):                                   # S [H, K, V]
+        q_t, k_t, v_t, b_t = x                        # [H, K], [H, K], [H, V], [H]
+        prediction = jnp.sum(S * k_t[:, :, None], axis=1)
+        S = S + k_t[:, :, None] * (b_t[:, None] * (v_t - prediction))[:, None, :]
+        return S, jnp.sum(S * (scale * q_t)[:, :, None], axis=1)
+
+    def run(q, k, v, b, S):                           # one sequence: [T, H, ...]
+        return jax.lax.scan(step, S, (q, k, v, b))
+
+    if cu_seqlens is None:
+        S, o = jax.vmap(run)(q, k, v, beta, S0)
+    else:
+        parts = [run(q[0, a:e], k[0, a:e], v[0, a:e], beta[0, a:e], S0[n])
+                 for n, (_, a, e) in enumerate(checks.sequence_spans(cu_seqlens, B, T))]
+        S, o = jnp.stack([s for s, _ in parts]), jnp.concatenate([o for _, o in parts])[None]
+    final = (jnp.swapaxes(S, -1, -2) if v_first else S) if output_final_state else None
+    return o.astype(out_dtype), final

@@ -1,38 +1,86 @@
-"""Chunkwise gated delta rule (REFERENCE §1.4, gated version); the algorithm lives in
-:mod:`ops.delta_rule.chunk`, which handles ``g is None`` (DeltaNet) and a scalar log gate (GDN)."""
+"""Chunkwise Gated DeltaNet (the WY / UT chunk form of :mod:`..common.delta` with a decay)."""
 
-import jax.numpy as jnp
+from __future__ import annotations
 
-from ops.delta_rule import _args
-from ops.delta_rule.chunk import chunk_core, transitions_core
-from ops.gated_delta_rule._doc import ARGS
+from ..common import checks
+from ..common.delta import chunk_delta, transitions
+from ..common.prepare import finish, prepare
+
+
+def gate_arguments(use_gate_in_kernel, A_log, dt_bias) -> dict:
+    """``prepare``'s keywords for GDN's in-kernel gate ``g <- -exp(A_log) softplus(g + dt_bias)``."""
+    if not checks.check_bool("use_gate_in_kernel", use_gate_in_kernel):
+        for name, value in (("A_log", A_log), ("dt_bias", dt_bias)):
+            if value is not None:
+                raise ValueError(f"{name} is only used with use_gate_in_kernel=True (got use_gate_in_kernel=False)")
+        return {}
+    if A_log is None:
+        raise ValueError("use_gate_in_kernel=True needs A_log [HV] (the gate is -exp(A_log) softplus(g + dt_bias))")
+    return {"A_log": A_log, "dt_bias": dt_bias}
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
-                           use_qk_l2norm_in_kernel=False, allow_neg_eigval=False, cu_seqlens=None, *,
-                           chunk_size=64, use_qk_l2norm=None):
-    p = _args.prepare(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                      use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_qk_l2norm=use_qk_l2norm,
-                      allow_neg_eigval=allow_neg_eigval, cu_seqlens=cu_seqlens, gated=True)
-    return chunk_core(p, cu_seqlens, output_final_state, chunk_size)
+                           use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
+                           state_v_first=False, cu_seqlens=None, *, chunk_size=64, use_gate_in_kernel=False,
+                           A_log=None, dt_bias=None):
+    """Chunkwise Gated DeltaNet, ``S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``,
+    ``o_t = S_tᵀ (s q_t)``; the training default (memory linear in T).
 
+    Args:
+      q, k: ``[B, T, H, K]``; v: ``[B, T, HV, V]`` with HV a multiple of H (value head hv reads
+        q/k head ``hv // (HV / H)``); any float dtypes, computed in float32.
+      g: ``[B, T, HV]`` log decay (``<= 0``; ``-inf`` resets), or with ``use_gate_in_kernel`` the
+        raw gate input, mapped to ``-exp(A_log) softplus(g + dt_bias)``.
+      beta: ``[B, T, HV]`` step in [0, 1] ([0, 2] with ``allow_neg_eigval``), or logits with
+        ``use_beta_sigmoid_in_kernel`` (step ``sigmoid(beta)``, ``2 sigmoid(beta)`` with
+        ``allow_neg_eigval``).
+      scale: multiplies q; None means ``K ** -0.5``.
+      initial_state: ``[N, HV, K, V]`` float32 (``[N, HV, V, K]`` with ``state_v_first``) or None.
+      output_final_state: also return the final state.
+      use_qk_l2norm_in_kernel: L2-normalise q and k over K (float32, eps 1e-6) first.
+      state_v_first: states in ``[N, HV, V, K]`` order.
+      cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B == 1).
+      chunk_size: tokens per chunk (static); T need not be a multiple.
+      use_gate_in_kernel, A_log, dt_bias: compute the log decay from ``A_log [HV]`` and the
+        optional ``dt_bias [HV]`` (both differentiable).
 
-chunk_gated_delta_rule.__doc__ = (
-    "Chunkwise Gated DeltaNet, ``S_t = exp(g_t)(I − β_t k_t k_tᵀ) S_{t−1} + β_t k_t v_tᵀ``,\n"
-    "``o_t = S_tᵀ (scale·q_t)``; the training default (memory linear in T, gates masked before exp).\n"
-    + ARGS)
+    Returns:
+      ``(o [B, T, HV, V] in v's dtype, final_state float32 or None)``.
 
-
-def chunk_gated_transitions(k, v, g, beta, use_qk_l2norm_in_kernel=False, allow_neg_eigval=False, *,
-                            chunk_size=64, use_qk_l2norm=None):
-    """Per-chunk affine maps of the state, for sequence parallelism (REFERENCE §3.4).
-
-    Returns ``(M [B, NC, HV, K, K], S_ext [B, NC, HV, K, V])`` float32 with
-    ``S_next = M S + S_ext`` for chunk c = ``[c·C, (c+1)·C)`` (unpacked batches only).
+    >>> import jax, jax.numpy as jnp
+    >>> q, k = jax.random.normal(jax.random.key(0), (2, 1, 50, 2, 16))
+    >>> v = jax.random.normal(jax.random.key(1), (1, 50, 4, 8))             # 4 value heads
+    >>> g = jax.nn.log_sigmoid(jax.random.normal(jax.random.key(2), (1, 50, 4)))
+    >>> o, S = chunk_gated_delta_rule(q, k, v, g, jnp.full((1, 50, 4), 0.5), use_qk_l2norm_in_kernel=True,
+    ...                               output_final_state=True)
+    >>> o.shape, S.shape
+    ((1, 50, 4, 8), (1, 4, 16, 8))
     """
-    q = jnp.zeros_like(k)
-    p = _args.prepare(q, k, v, g, beta, scale=1.0, initial_state=None,
-                      use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, use_qk_l2norm=use_qk_l2norm,
-                      allow_neg_eigval=allow_neg_eigval, cu_seqlens=None, gated=True)
-    return transitions_core(p, chunk_size)
+    size = checks.check_chunk_size(chunk_size)
+    checks.check_array("beta", beta)
+    checks.check_array("g", g)
+    x = prepare(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, grouped_values=True,
+                qk_l2norm=use_qk_l2norm_in_kernel, beta_logits=use_beta_sigmoid_in_kernel,
+                allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first,
+                **gate_arguments(use_gate_in_kernel, A_log, dt_bias))
+    o, final = chunk_delta(x, size)
+    return finish(x, o, final)
 
+
+def chunk_gated_transitions(k, v, g, beta, *, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
+                            allow_neg_eigval=False, chunk_size=64):
+    """Each chunk's affine map of the GDN state, ``S_next = M S + S_ext``: float32
+    ``(M [B, NC, HV, K, K], S_ext [B, NC, HV, K, V])`` (unpacked batches only); see
+    :func:`~lolax.ops.delta_rule.chunk_transitions`.
+
+    >>> import jax, jax.numpy as jnp
+    >>> k, v = jax.random.normal(jax.random.key(0), (2, 1, 20, 1, 4))
+    >>> M, S_ext = chunk_gated_transitions(k, v, jnp.full((1, 20, 1), -0.1), jnp.full((1, 20, 1), 0.5))
+    >>> M.shape
+    (1, 1, 1, 4, 4)
+    """
+    size = checks.check_chunk_size(chunk_size)
+    x = prepare(k, k, v, g=g, beta=beta, scale=1.0, grouped_values=True, qk_l2norm=use_qk_l2norm_in_kernel,
+                beta_logits=use_beta_sigmoid_in_kernel, allow_neg_eigval=allow_neg_eigval)
+    return transitions(x, size)

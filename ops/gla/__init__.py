@@ -1,7 +1,7 @@
 """GLA: a log decay per key dimension, ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ``."""
 
-from ops.gla.chunk import chunk_gla
-from ops.gla.naive import naive_gla
-from ops.gla.recurrent import fused_recurrent_gla, recurrent_gla
+from .chunk import chunk_gla
+from .fused_recurrent import fused_recurrent_gla
+from .naive import naive_gla
 
-__all__ = ["chunk_gla", "recurrent_gla", "fused_recurrent_gla", "naive_gla"]
+__all__ = ["chunk_gla", "fused_recurrent_gla", "naive_gla"]

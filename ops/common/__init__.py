@@ -1,0 +1,16 @@
+"""What the op families share: argument checks, the chunk layout, state scans, log-decay helpers,
+argument preparation, the precision policy, and the chunk and recurrent cores.
+
+| module | holds |
+|---|---|
+| :mod:`.checks` | argument checks (shapes, dtypes, flags; values when concrete, ``checkify`` under jit) |
+| :mod:`.prepare` | :class:`~.prepare.Inputs` and :func:`~.prepare.prepare`: validated float32 working arrays |
+| :mod:`.layout` | the chunk plan (packing without chunks straddling sequences) and the chunk-major layout |
+| :mod:`.scan` | the state scan over chunks and the token-by-token scan, with resets at sequence starts |
+| :mod:`.decay` | in-chunk cumulative log decays, masked decay matrices, exact resets |
+| :mod:`.precision` | products at ``Precision.HIGHEST`` with float32 accumulation |
+| :mod:`.diagonal` | the chunk form of the diagonal-decay families |
+| :mod:`.delta` | the WY / UT chunk form of the delta rules |
+| :mod:`.solve_tril` | ``(I + A)^{-1}`` for strictly lower-triangular A |
+| :mod:`.recurrent` | the token-by-token form of every family |
+"""
