@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lolax-installed
 RUN ?= runs/shakespeare
 ARGS ?=
+JOBS ?= 2          # pytest worker processes (pytest-xdist); CI has 2 cores
 
 .PHONY: train test test-slow lint install clean
 
@@ -21,10 +22,10 @@ train: $(STAMP)
 	$(PY) -m experiments.train --config=experiments/configs/lm_shakespeare.py --workdir=$(RUN) $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow $(ARGS)
+	$(PY) -m pytest -q -n $(JOBS) -m slow $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -17,6 +17,7 @@ tiled over ``num_layers``.
 | ``M``  | ``mom``                       | Mixture-of-Memories (GDN memories, top-k router)        |
 | ``S``  | ``softmax`` (``attn``)        | softmax attention, rotary, grouped-query heads          |
 | ``W``  | ``swa``                       | sliding-window softmax attention (``window`` keys)      |
+| ``C``  | ``conv`` (``baseconv``)       | BaseConv: a gated short convolution (``conv_size`` taps) |
 """
 
 from __future__ import annotations

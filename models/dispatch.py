@@ -1,8 +1,8 @@
 """The single place where mixer layers call sequence ops.
 
 * :func:`linear` runs a linear-attention family (``linear_attn``, ``simple_gla``, ``gla``,
-  ``delta_rule``, ``gated_delta_rule``) in chunk mode (training, prefill) or recurrent mode
-  (decoding), through :func:`lolax.ops.get_op`.
+  ``delta_rule``, ``gated_delta_rule``) in its ``chunk`` form (training, prefill) or its
+  ``fused_recurrent`` form (decoding), through :func:`lolax.ops.get_op`.
 * :func:`attention` runs causal softmax attention (``lolax.ops.attention``; optionally a sliding
   window, grouped-query heads, packed segments and padding), :func:`attention_step` one decoding
   token over a KV cache.
@@ -38,25 +38,25 @@ def sequence_mesh() -> jax.sharding.AbstractMesh | None:
     return mesh
 
 
-def linear(family: str, q, k, v, *, mode: str = "chunk", chunk_size: int = 64, **op_kwargs):
+def linear(family: str, q, k, v, *, form: str = "chunk", chunk_size: int = 64, **op_kwargs):
     """Runs ``family`` on ``q, k [B, T, H, K]``, ``v [B, T, HV, V]``; returns ``(o, final_state)``.
 
-    ``mode="chunk"`` for full sequences, ``"recurrent"`` for decoding steps.  ``None`` kwargs are
-    dropped, so layers can pass optional arguments uniformly.
+    ``form="chunk"`` for full sequences, ``"fused_recurrent"`` for decoding steps.  ``None``
+    kwargs are dropped, so layers can pass optional arguments uniformly.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown linear family {family!r}; known {FAMILIES}")
     kw = {key: val for key, val in op_kwargs.items() if val is not None}
-    if mode == "chunk":
+    if form == "chunk":
         mesh = sequence_mesh()
         if mesh is not None:
             return lasp2(family, q, k, v, mesh=mesh, axis_name=SEQUENCE_AXIS, chunk_size=chunk_size, **kw)
         return get_op(family, "chunk")(q, k, v, chunk_size=chunk_size, **kw)
-    if mode == "recurrent":
+    if form == "fused_recurrent":
         if family == "gla" and "g" in kw:             # fused_recurrent_gla names its key decay gk
             kw["gk"] = kw.pop("g")
         return get_op(family, "fused_recurrent")(q, k, v, **kw)
-    raise ValueError(f"mode must be 'chunk' or 'recurrent', got {mode!r}")
+    raise ValueError(f"form must be 'chunk' or 'fused_recurrent', got {form!r}")
 
 
 def attention(q, k, v, *, scale: float | None = None, window: int | None = None, cu_seqlens=None, valid=None,

@@ -59,18 +59,6 @@ DELTA_FAMILIES = ("delta_rule", "gated_delta_rule")
 NORMALIZE_EPS = 1e-10  # as lolax.ops.linear_attn
 
 
-def _axes_for(mesh, logical: str, size: int, exclude: tuple[str, ...]) -> tuple[str, ...]:
-    axes = tuple(a for a in _rules._axes(_rules.LOGICAL_RULES.get(logical))
-                 if mesh.shape.get(a, 1) > 1 and a not in exclude)
-    while axes and size % math.prod(mesh.shape[a] for a in axes):
-        axes = axes[:-1]
-    return axes
-
-
-def _entry(axes: tuple[str, ...]):
-    return None if not axes else axes[0] if len(axes) == 1 else axes
-
-
 def check_sequence_split(T: int, mesh, axis_name: str) -> int:
     """Returns the local length ``T / W``; ValueError if the axis is missing or W does not divide T."""
     if axis_name not in mesh.shape:
@@ -122,6 +110,9 @@ def _normalized_linear_attn(q, k, v, mesh, axis_name, output_final_state, kw):
     V = v.shape[-1]
     h0 = kw.pop("initial_state", None)
     S0, z0 = h0 if isinstance(h0, tuple) else (h0, None)
+    if z0 is not None:
+        N = checks.check_cu_seqlens(kw.get("cu_seqlens"), B, T)
+        checks.check_state("initial_state[1]", z0, (N, 1, H, K), "[N, 1, H, K] (the key sum z)")
     v_aug = jnp.concatenate([v.astype(jnp.float32), jnp.ones((B, T, H, 1), jnp.float32)], -1)
     if S0 is not None or z0 is not None:
         N = S0.shape[0] if S0 is not None else z0.shape[0]
@@ -149,9 +140,9 @@ def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
                               cu_seqlens=cu, **kw)
 
     # ---- specs: sequence over axis_name; batch over data/fsdp and heads over tensor when they divide
-    bax = () if packed else _axes_for(mesh, "batch", B, (axis_name,))
-    hax = _axes_for(mesh, "heads", math.gcd(H, HV), (axis_name,) + bax)
-    b, h = _entry(bax), _entry(hax)
+    bax = () if packed else _rules.axes_for(mesh, "batch", B, (axis_name,))
+    hax = _rules.axes_for(mesh, "heads", math.gcd(H, HV), (axis_name,) + bax)
+    b, h = _rules.spec_entry(bax), _rules.spec_entry(hax)
     tok = P(b, axis_name, h, None)
     arrays: dict[str, Any] = {"q": q, "k": k, "v": v}
     specs: dict[str, Any] = {"q": tok, "k": tok, "v": tok}

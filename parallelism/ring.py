@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from .lasp2 import _axes_for, _entry, check_sequence_split
+from .lasp2 import check_sequence_split
+from .rules import axes_for, spec_entry
 
 MODES = ("ring", "ulysses", "allgather")
 _NEG = -1e30  # finite "minus infinity": a fully masked block gives weight exactly 0, never NaN
@@ -75,12 +76,12 @@ def sequence_parallel_attention(q, k, v, *, mesh: jax.sharding.Mesh, axis_name: 
         raise ValueError(f"ulysses attention splits the {H} query heads over the {W} devices of axis "
                          f"{axis_name!r}: H must be divisible by {W} (use mode='ring' or 'allgather')")
 
-    bax = _axes_for(mesh, "batch", B, (axis_name,))
-    hax = () if mode == "ulysses" else _axes_for(mesh, "heads", Hkv, (axis_name,) + bax)
+    bax = axes_for(mesh, "batch", B, (axis_name,))
+    hax = () if mode == "ulysses" else axes_for(mesh, "heads", Hkv, (axis_name,) + bax)
     if mode == "ulysses" and Hkv % W:                       # GQA with too few kv heads: repeat them
         k = jnp.repeat(k, H // Hkv, axis=2)
         v = jnp.repeat(v, H // Hkv, axis=2)
-    spec = P(_entry(bax), axis_name, _entry(hax), None)
+    spec = P(spec_entry(bax), axis_name, spec_entry(hax), None)
     body = functools.partial({"ring": _ring, "ulysses": _ulysses, "allgather": _allgather}[mode],
                              axis=axis_name, W=W, Tl=Tl, scale=scale, causal=causal, window=window)
     fn = jax.shard_map(body, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=True)

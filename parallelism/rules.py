@@ -62,6 +62,20 @@ def _axes(entry) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def axes_for(mesh, logical: str, size: int, exclude: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The mesh axes (of size > 1, not in ``exclude``) the table gives ``logical``, dropping trailing
+    axes until their product divides ``size``: e.g. the batch axes a shard_map may split."""
+    axes = tuple(a for a in _axes(LOGICAL_RULES.get(logical)) if mesh.shape.get(a, 1) > 1 and a not in exclude)
+    while axes and size % math.prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return axes
+
+
+def spec_entry(axes: tuple[str, ...]):
+    """One PartitionSpec entry for ``axes``: None, an axis name, or a tuple of names."""
+    return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
 def logical_to_mesh_axes(names: Sequence[str | None], rules: Rules | None = None) -> P:
     """``('embed', 'heads')`` -> ``P('fsdp', 'tensor')`` by the table (no shape checks)."""
     rules = LOGICAL_RULES if rules is None else rules

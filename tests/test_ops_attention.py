@@ -50,7 +50,9 @@ def compare(fast, naive, q, k, v, do, tol=1e-5, **kw):
     assert out[0].dtype == v.dtype
     for name, r, o in zip(("o", "dq", "dk", "dv"), ref, out):
         assert o.shape == r.shape, name
-        assert_close(name, r, o, tol)
+        # With one key per query (window 1, or T = 1) the scores do not matter: the gradients of
+        # q and k are exactly 0 in the oracle and float32 round-off (~5e-8) in the blockwise form.
+        assert_close(name, r, o, tol, 1e-7 if name in ("dq", "dk") else 0.0)
 
 
 @pytest.mark.parametrize("causal", [True, False])

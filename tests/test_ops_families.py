@@ -8,7 +8,9 @@ full products run under ``-m slow``.
 
 Tolerances (``rms(out - ref) <= rtol * rms(ref) + atol``, ``lolax.ops.testing``):
 float32: every form does float32 arithmetic on the same values and differs from the oracle only
-in summation order (observed 1e-7 to 2e-6 relative), so rtol 1e-5 and no absolute floor.
+in summation order (observed 1e-7 to 2e-6 relative), so rtol 1e-5 and no absolute floor; the
+gate gradient dg, a reverse cumulative sum of ``q ⊙ dq - k ⊙ dk`` whose two terms nearly cancel
+under strong decays, gets 3e-5 (GLA at c = 0.1 reaches 1.2e-5).
 bfloat16: every form reads the same bf16 values and accumulates in float32; o and the gradients
 are then rounded to bf16 (2^-9 relative per element), so rtol 1e-2.
 """
@@ -23,7 +25,7 @@ import pytest
 from lolax.ops import FAMILIES
 from lolax.ops.testing import GATES, assert_close, assert_forms_match, family_inputs, family_op
 
-TOL = {jnp.float32: {"o": 1e-5, "final_state": 1e-5, "grad": 1e-5, "atol": 0.0},
+TOL = {jnp.float32: {"o": 1e-5, "final_state": 1e-5, "grad": 1e-5, "dg": 3e-5, "atol": 0.0},
        jnp.bfloat16: {"o": 1e-2, "final_state": 1e-2, "grad": 1e-2, "atol": 0.0}}
 
 # (T, K, V, chunk_size, gate strength c, dtype, forms): odd T, T < C, T spanning chunks, head

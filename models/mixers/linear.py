@@ -88,7 +88,7 @@ class RecurrentMixer(Mixer):
             kw.update(initial_state=cache["state"], output_final_state=True)
         elif mode == "prefill":
             kw["output_final_state"] = True
-        o, state = dispatch.linear(self.family, q, k, v, mode="recurrent" if mode == "step" else "chunk",
+        o, state = dispatch.linear(self.family, q, k, v, form="fused_recurrent" if mode == "step" else "chunk",
                                    chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens, **kw)
         # the decoding cache: the op's final state ((S, z) for normalised linear attention), conv states
         new_cache = None if mode == "full" else {"state": state, "conv": conv.out}

@@ -1,4 +1,4 @@
-"""Public entry points of the softmax baselines (see :mod:`ops.attention`)."""
+"""Public entry points of the softmax baselines (see :mod:`lolax.ops.attention`)."""
 
 from __future__ import annotations
 

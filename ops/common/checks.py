@@ -27,8 +27,9 @@ def shape_of(x) -> tuple[int, ...]:
 
 
 def is_concrete(x) -> bool:
-    """True when the values of ``x`` are known now (not a tracer under ``jit`` or ``grad``)."""
-    return not isinstance(x, jax.core.Tracer)
+    """True when the values of ``x`` are known here and now: not a tracer (``jit``, ``grad``,
+    ``vmap``) and, on several hosts, held entirely by this process."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
 def check_array(name: str, x) -> None:

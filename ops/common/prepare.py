@@ -86,12 +86,7 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
     HV = v.shape[2]
     N = checks.check_cu_seqlens(cu_seqlens, B, T)
     heads = "[B, T, HV]" if grouped_values else "[B, T, H]"
-    layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
-    if initial_state is not None:
-        checks.check_state("initial_state", initial_state,
-                           (N, HV, V, K) if state_v_first else (N, HV, K, V), layout)
-        if state_v_first:
-            initial_state = jnp.swapaxes(initial_state, -1, -2)
+    initial_state = checks.initial_state_kv(initial_state, N, HV, K, V, state_v_first)
     scale = checks.resolve_scale(scale, K)
 
     if g is not None and g_gamma is not None:
