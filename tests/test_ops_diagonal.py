@@ -71,10 +71,12 @@ def test_normalized_packed():
     cu = np.array([0, 5, 5, 30, 41], np.int32)
     q, k, v, _, _, _, _ = _normalized(T=41, N=1)
     _, _, _, S0, z0, _, _ = _normalized(T=2, N=4)
-    ref = linear_attn.naive_linear_attn(q, k, v, initial_state=(S0, z0), output_final_state=True, cu_seqlens=cu)
+    ref = jax.jit(lambda *a: linear_attn.naive_linear_attn(*a[:3], initial_state=a[3:], output_final_state=True,
+                                                           cu_seqlens=cu))(q, k, v, S0, z0)
     for fn in (lambda *a, **kw: linear_attn.chunk_linear_attn(*a, **kw, chunk_size=16),
                linear_attn.fused_recurrent_linear_attn):
-        o, (S, z) = fn(q, k, v, initial_state=(S0, z0), output_final_state=True, normalize=True, cu_seqlens=cu)
+        o, (S, z) = jax.jit(lambda q, k, v, S0, z0: fn(q, k, v, initial_state=(S0, z0), output_final_state=True,
+                                                        normalize=True, cu_seqlens=cu))(q, k, v, S0, z0)
         assert_close("o", ref[0], o, 1e-5)
         assert_close("S", ref[1][0], S, 1e-5)
         assert_close("z", ref[1][1], z, 1e-5)
