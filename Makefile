@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lolax-installed
 RUN ?= runs/shakespeare
 ARGS ?=
-JOBS ?= 2          # pytest worker processes (pytest-xdist); CI has 2 cores
+# pytest worker processes (pytest-xdist); CI has 2 cores
+JOBS ?= 2
 
 .PHONY: train test test-slow lint install clean
 
