@@ -79,6 +79,7 @@ class ModelConfig:
     feature_map: str = "elu_plus_one"    # linear attention's (L) feature map, a key of ops.feature_maps.FEATURE_MAPS
     normalize: bool = False              # L/H: divide by s q.z (positive maps only) instead of RMSNorm
     chunk_size: int = 64
+    implementation: str | None = None    # linear ops: None (Pallas kernels on GPU/TPU when supported) | xla | pallas
     rope_theta: float = 10_000.0
     tie_embeddings: bool = False
     norm_eps: float = 1e-6
@@ -141,6 +142,8 @@ class ModelConfig:
         if self.lightning_decay not in LIGHTNING_DECAYS:
             raise ValueError(f"model.lightning_decay must be one of {sorted(LIGHTNING_DECAYS)}, "
                              f"got {self.lightning_decay!r}")
+        if self.implementation not in (None, "xla", "pallas"):
+            raise ValueError(f"model.implementation must be None, 'xla' or 'pallas', got {self.implementation!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"model.normalize must be a bool, got {self.normalize!r}")
         if "gla" in kinds and (not self.gla_expand_k > 0 or (self.gla_expand_k * self.head_size) % 1):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ..ops import FAMILIES, get_op
+from ..ops import FAMILIES, PALLAS_FAMILIES, get_op
 from ..ops import attention as ops_attention
 from ..parallelism.lasp2 import lasp2
 from ..parallelism.ring import sequence_parallel_attention
@@ -38,15 +38,20 @@ def sequence_mesh() -> jax.sharding.AbstractMesh | None:
     return mesh
 
 
-def linear(family: str, q, k, v, *, form: str = "chunk", chunk_size: int = 64, **op_kwargs):
+def linear(family: str, q, k, v, *, form: str = "chunk", chunk_size: int = 64, implementation: str | None = None,
+           **op_kwargs):
     """Runs ``family`` on ``q, k [B, T, H, K]``, ``v [B, T, HV, V]``; returns ``(o, final_state)``.
 
     ``form="chunk"`` for full sequences, ``"fused_recurrent"`` for decoding steps.  ``None``
-    kwargs are dropped, so layers can pass optional arguments uniformly.
+    kwargs are dropped, so layers can pass optional arguments uniformly.  ``implementation``
+    (``None``, ``"xla"``, ``"pallas"``) reaches the chunk ops of the families with Pallas kernels
+    (:data:`lolax.ops.PALLAS_FAMILIES`); the others always run XLA.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown linear family {family!r}; known {FAMILIES}")
     kw = {key: val for key, val in op_kwargs.items() if val is not None}
+    if form == "chunk" and implementation is not None and family in PALLAS_FAMILIES:
+        kw["implementation"] = implementation
     if form == "chunk":
         mesh = sequence_mesh()
         if mesh is not None:

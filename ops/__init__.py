@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
+from .common.diagonal_kernels import interpret_kernels
 from .delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 from .gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .gla import chunk_gla, fused_recurrent_gla
@@ -33,6 +34,9 @@ from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 
 FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 """The linear-attention families, each a sub-package with the three forms."""
+
+PALLAS_FAMILIES = ("linear_attn", "simple_gla", "gla")
+"""Families whose ``chunk_*`` ops take ``implementation=`` (Pallas kernels on TPU and GPU)."""
 
 FORMS = ("chunk", "fused_recurrent", "naive")
 """``chunk``: chunkwise (training); ``fused_recurrent``: token by token (decoding); ``naive``: the oracle."""
@@ -51,7 +55,8 @@ def get_op(family: str, form: str = "chunk") -> Callable:
     return getattr(importlib.import_module(f".{family}", __name__), f"{form}_{family}")
 
 
-__all__ = ["FAMILIES", "FORMS", "get_op", "chunk_linear_attn", "fused_recurrent_linear_attn", "chunk_simple_gla",
+__all__ = ["FAMILIES", "PALLAS_FAMILIES", "FORMS", "get_op", "interpret_kernels",
+           "chunk_linear_attn", "fused_recurrent_linear_attn", "chunk_simple_gla",
            "fused_recurrent_simple_gla", "chunk_retention", "fused_recurrent_retention", "chunk_lightning_attn",
            "fused_recurrent_lightning_attn", "chunk_gla", "fused_recurrent_gla", "chunk_delta_rule",
            "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule"]

@@ -7,13 +7,14 @@ from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla, lightning_
 
 
 def chunk_lightning_attn(q, k, v, layer_idx, num_layers, scale=None, initial_state=None, output_final_state=False,
-                         cu_seqlens=None, *, decay="fla_linear", chunk_size=64):
+                         cu_seqlens=None, *, decay="fla_linear", chunk_size=64,
+                         implementation=None):
     """:func:`~lolax.ops.simple_gla.chunk_simple_gla` with ``g_gamma = lightning_g_gamma(H, layer_idx,
     num_layers, decay)``.
 
     ``decay`` names the schedule (:data:`~lolax.ops.simple_gla.LIGHTNING_DECAYS`); the default
     ``"fla_linear"`` is flash-linear-attention's, ``"alibi_slopes"`` the Lightning Attention-2
-    release's.
+    release's.  ``implementation`` is :func:`~lolax.ops.simple_gla.chunk_simple_gla`'s.
 
     >>> import jax
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 40, 4, 8))
@@ -23,7 +24,8 @@ def chunk_lightning_attn(q, k, v, layer_idx, num_layers, scale=None, initial_sta
     checks.check_array("q", q)
     g_gamma = lightning_g_gamma(q.shape[2], layer_idx, num_layers, decay)
     return chunk_simple_gla(q, k, v, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                            output_final_state=output_final_state, cu_seqlens=cu_seqlens, chunk_size=chunk_size,
+                            implementation=implementation)
 
 
 def fused_recurrent_lightning_attn(q, k, v, layer_idx, num_layers, scale=None, initial_state=None,

@@ -7,8 +7,9 @@ from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla, retnet_g_g
 
 
 def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, *,
-                    chunk_size=64):
-    """:func:`~lolax.ops.simple_gla.chunk_simple_gla` with ``g_gamma = retnet_g_gamma(H)``.
+                    chunk_size=64, implementation=None):
+    """:func:`~lolax.ops.simple_gla.chunk_simple_gla` with ``g_gamma = retnet_g_gamma(H)`` (and its
+    ``implementation``).
 
     >>> import jax
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 40, 4, 8))
@@ -18,7 +19,7 @@ def chunk_retention(q, k, v, scale=None, initial_state=None, output_final_state=
     checks.check_array("q", q)
     return chunk_simple_gla(q, k, v, g_gamma=retnet_g_gamma(q.shape[2]), scale=scale,
                             initial_state=initial_state, output_final_state=output_final_state,
-                            cu_seqlens=cu_seqlens, chunk_size=chunk_size)
+                            cu_seqlens=cu_seqlens, chunk_size=chunk_size, implementation=implementation)
 
 
 def fused_recurrent_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, reverse=False,

@@ -89,7 +89,8 @@ class RecurrentMixer(Mixer):
         elif mode == "prefill":
             kw["output_final_state"] = True
         o, state = dispatch.linear(self.family, q, k, v, form="fused_recurrent" if mode == "step" else "chunk",
-                                   chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens, **kw)
+                                   chunk_size=self.chunk_size, cu_seqlens=ctx.cu_seqlens,
+                                   implementation=self.implementation, **kw)
         # the decoding cache: the op's final state ((S, z) for normalised linear attention), conv states
         new_cache = None if mode == "full" else {"state": state, "conv": conv.out}
         y, aux = self._output(o, x, extras), extras.get("_aux", jnp.zeros((), F32))
@@ -113,6 +114,7 @@ class LinearAttention(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0, feature_map: str | None = None):
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.head_dim, self.chunk_size = h, d, cfg.chunk_size
+        self.implementation = cfg.implementation
         self.feature_map = feature_map or cfg.feature_map
         self.normalize = cfg.normalize
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -166,6 +168,7 @@ class BasedAttention(RecurrentMixer):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
         h, d, f = cfg.num_heads, cfg.head_size, cfg.based_feature_dim
         self.num_heads, self.chunk_size = h, cfg.chunk_size
+        self.implementation = cfg.implementation
         self.q_proj = dense(cfg.d_model, h * f, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * f, ("embed", "heads"), rngs)
         self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -207,6 +210,7 @@ class RetNet(_GatedOutput):
         from ...ops.simple_gla import retnet_g_gamma
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.chunk_size, self.rope_theta = h, cfg.chunk_size, cfg.rope_theta
+        self.implementation = cfg.implementation
         with jax.ensure_compile_time_eval():
             self.g_gamma = tuple(float(g) for g in np.asarray(retnet_g_gamma(h)))
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -231,6 +235,7 @@ class Lightning(_GatedOutput):
         from ...ops.simple_gla import lightning_g_gamma
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.chunk_size = h, cfg.chunk_size
+        self.implementation = cfg.implementation
         with jax.ensure_compile_time_eval():
             self.g_gamma = tuple(float(g) for g in np.asarray(
                 lightning_g_gamma(h, layer_idx, cfg.num_layers, cfg.lightning_decay)))
@@ -260,6 +265,7 @@ class GLA(_GatedOutput):
         h, d = cfg.num_heads, cfg.head_size
         dk = int(cfg.gla_expand_k * d)
         self.num_heads, self.chunk_size, self.normalizer = h, cfg.chunk_size, cfg.gla_gate_normalizer
+        self.implementation = cfg.implementation
         self.q_proj = dense(cfg.d_model, h * dk, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * dk, ("embed", "heads"), rngs)
         self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -293,6 +299,7 @@ class DeltaNet(RecurrentMixer):
         h, d = cfg.num_heads, cfg.head_size
         self.num_heads, self.num_v_heads = h, h
         self.chunk_size, self.neg = cfg.chunk_size, cfg.allow_neg_eigval
+        self.implementation = cfg.implementation
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
@@ -347,6 +354,7 @@ class GatedDeltaNet(DeltaNet):
         dv = d * cfg.gdn_expand_v
         self.num_heads, self.num_v_heads = h, hv
         self.chunk_size, self.neg = cfg.chunk_size, cfg.allow_neg_eigval
+        self.implementation = cfg.implementation
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.v_proj = dense(cfg.d_model, hv * dv, ("embed", "heads"), rngs)

@@ -34,6 +34,7 @@ class MoM(RecurrentMixer):
         self.num_heads, self.head_dim, self.value_dim = h, d, dv
         self.num_memories, self.total_memories, self.topk = m, mt, cfg.mom_topk
         self.shared, self.neg, self.chunk_size = cfg.mom_shared_memory, cfg.allow_neg_eigval, cfg.chunk_size
+        self.implementation = cfg.implementation
         self.aux_weight = cfg.aux_loss_weight
         self.router = dense(cfg.d_model, m, ("embed", "memories"), rngs)
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from ..common import checks, decay
 from ..common.diagonal import chunk_diagonal
+from ..common.diagonal_kernels import chunk_diagonal_dispatch
 from ..common.precision import einsum
 from ..common.prepare import finish, prepare
 
@@ -130,8 +131,12 @@ def _intra(q, k, v, g, sub):
     return o, dS, jnp.exp(decay.from_start(G[:, -1], R[:, -1]))
 
 
+def _chunk_gla_xla(x, C: int, sub: int):
+    return chunk_diagonal(x, C, intra=_intra, intra_args=(sub,))
+
+
 def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, state_v_first=False,
-              cu_seqlens=None, *, chunk_size=64, sub_chunk_size=16):
+              cu_seqlens=None, *, chunk_size=64, sub_chunk_size=16, implementation=None):
     """Chunkwise GLA ``S_t = Diag(exp(g_t)) S_{t-1} + k_t v_tᵀ``, ``o_t = S_tᵀ (s q_t)``.
 
     Args:
@@ -146,6 +151,8 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
       chunk_size: tokens per chunk (static).
       sub_chunk_size: tokens per sub-chunk, dividing ``chunk_size`` (a chunk shorter than it is
         one sub-chunk).
+      implementation: ``"xla"``, ``"pallas"`` or None (the Pallas kernels on TPU and GPU when they
+        support the inputs, XLA otherwise); see ``docs/kernels.md``.
 
     Returns:
       ``(o [B, T, H, V] in v's dtype, final_state float32 or None)``.
@@ -167,5 +174,5 @@ def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=Fal
                 state_v_first=state_v_first, cu_seqlens=cu_seqlens, names={"gk": "g"})
     T = x.k.shape[1]
     C = min(size, -(-T // sub) * sub)                                 # short inputs: one short chunk
-    o, final = chunk_diagonal(x, C, intra=_intra, intra_args=(sub,))
+    o, final = chunk_diagonal_dispatch(x, "key", size, sub, implementation, _chunk_gla_xla, (C, sub))
     return finish(x, o, final)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from ..common import checks
 from ..common.diagonal import chunk_diagonal
+from ..common.diagonal_kernels import chunk_diagonal_dispatch
 from ..common.prepare import finish, prepare
 
 
 def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=None, output_final_state=False,
-                     state_v_first=False, cu_seqlens=None, *, chunk_size=64):
+                     state_v_first=False, cu_seqlens=None, *, chunk_size=64, implementation=None):
     """Chunkwise ``S_t = exp(g_t) S_{t-1} + k_t v_tᵀ``, ``o_t = S_tᵀ (s q_t)``.
 
     Args:
@@ -21,6 +22,8 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
       state_v_first: states in ``[N, H, V, K]`` order (a layout choice only).
       cu_seqlens: ``[N + 1]`` int offsets of packed sequences (B == 1).
       chunk_size: tokens per chunk (static).
+      implementation: ``"xla"``, ``"pallas"`` or None (the Pallas kernels on TPU and GPU when they
+        support the inputs, XLA otherwise); see ``docs/kernels.md``.
 
     Returns:
       ``(o [B, T, H, V] in v's dtype, final_state float32 or None)``.
@@ -35,5 +38,7 @@ def chunk_simple_gla(q, k, v, g=None, g_gamma=None, scale=None, initial_state=No
     size = checks.check_chunk_size(chunk_size)
     x = prepare(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens)
-    o, final = chunk_diagonal(x, min(size, x.k.shape[1]))
+    mode = None if x.g is None else "head"
+    o, final = chunk_diagonal_dispatch(x, mode, size, 16, implementation, chunk_diagonal,
+                                       (min(size, x.k.shape[1]),))
     return finish(x, o, final)

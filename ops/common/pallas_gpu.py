@@ -1,0 +1,194 @@
+"""Triton (GPU) kernels of the diagonal-decay chunk form: forward, state recomputation, backward.
+
+One program per (row·head, value block) walks its chunks in a ``fori_loop`` with the state
+``Sᵀ [BV, K]`` in registers (Triton programs of one launch run concurrently, so the chunk axis
+cannot be a grid axis as on TPU).  The per-chunk mathematics is :mod:`.kernel_math`, shared with
+the TPU kernels; packing follows the same chunk-plan tables as there.
+
+These kernels use Pallas' Triton lowering, which JAX 0.11 deprecates in favour of Mosaic GPU;
+the module is self-contained so that a Mosaic GPU port replaces only this file.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from . import kernel_math as km
+from .kernel_spec import KernelSpec
+
+
+def _whole(shape):
+    return pl.BlockSpec(shape, lambda bh, iv: (0,) * len(shape))
+
+
+def _gate_specs(spec: KernelSpec, Tp: int, NC: int):
+    C, K = spec.chunk_size, spec.key_dim
+    if spec.mode is None:
+        return []
+    if spec.mode == "head":
+        col = pl.BlockSpec((None, Tp, 1), lambda bh, iv: (bh, 0, 0))
+        row = pl.BlockSpec((None, NC, 1, C), lambda bh, iv: (bh, 0, 0, 0))
+        return [col, col, row, row]
+    return [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0))]
+
+
+def _load_gates(spec: KernelSpec, gate_refs, n):
+    C = spec.chunk_size
+    if spec.mode == "head":
+        Gc, Rc, Gr, Rr = gate_refs
+        rows = pl.ds(n * C, C)
+        return km.chunk_gates("head", [Gc[rows, :], Rc[rows, :], Gr[n], Rr[n]])
+    return km.chunk_gates(spec.mode, [ref[pl.ds(n * C, C), :] for ref in gate_refs])
+
+
+def _params(spec: KernelSpec):
+    return pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "store_states", "emit_output", "want_final", "interpret"))
+def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states=False, emit_output=True,
+            want_final=True, interpret=False):
+    """Same contract as :func:`.pallas_tpu.forward`."""
+    BH, Tp, K = q.shape
+    V = v.shape[-1]
+    C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
+    NC, NV = Tp // C, V // BV
+    R = first.shape[0]
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+                pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+                pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
+                *_gate_specs(spec, Tp, NC), _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+    args = [q, k, v, *gates, first, last, seq]
+    if h0T is not None:
+        in_specs.append(_whole((N, H, V, K)))
+        args.append(h0T)
+    out_specs, out_shape = [], []
+    if emit_output:
+        out_specs.append(pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)))
+        out_shape.append(jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32))
+    if want_final:
+        out_specs.append(_whole((N, H, V, K)))
+        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+    if store_states:
+        out_specs.append(pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((BH, NC, V, K), jnp.float32))
+    n_gates, has_h0 = len(gates), h0T is not None
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref = refs[:3]
+        gate_refs = refs[3:3 + n_gates]
+        rest = list(refs[3 + n_gates:])
+        first_ref, last_ref, seq_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+        h0_ref = rest.pop(0) if has_h0 else None
+        o_ref = rest.pop(0) if emit_output else None
+        final_ref = rest.pop(0) if want_final else None
+        states_ref = rest.pop(0) if store_states else None
+        bh, iv = pl.program_id(0), pl.program_id(1)
+        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+
+        def step(n, ST):
+            s = seq_ref[r, n]
+            if h0_ref is None:
+                ST = jnp.where(first_ref[r, n] == 1, 0.0, ST)
+            else:
+                ST = jax.lax.cond(first_ref[r, n] == 1, lambda: h0_ref[s, h, cols, :], lambda: ST)
+            if states_ref is not None:
+                states_ref[n] = ST
+            rows = pl.ds(n * C, C)
+            g = _load_gates(spec, gate_refs, n)
+            if o_ref is not None:
+                o, ST_next = km.chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST, spec.mode,
+                                              spec.sub_chunk_size)
+                o_ref[rows, :] = o
+            else:
+                ST_next = km.chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST)
+            if final_ref is not None:
+                @pl.when(last_ref[r, n] == 1)
+                def _():
+                    final_ref[s, h, cols, :] = ST_next
+            return ST_next
+
+        jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
+
+    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=_params(spec), interpret=interpret,
+                          name=f"lolax_diag_{spec.mode or 'none'}_fwd")(*args)
+    outs = list(outs)
+    return (outs.pop(0) if emit_output else None, outs.pop(0) if want_final else None,
+            outs.pop(0) if store_states else None)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "has_h0", "interpret"))
+def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
+             interpret=False):
+    """Same contract as :func:`.pallas_tpu.backward`."""
+    BH, Tp, K = q.shape
+    V = v.shape[-1]
+    C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
+    NC, NV = Tp // C, V // BV
+    R = first.shape[0]
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+                pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+                pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
+                *_gate_specs(spec, Tp, NC),
+                pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
+                pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0)),
+                _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+    args = [q, k, v, *gates, do, statesT, first, last, seq]
+    if dfinalT is not None:
+        in_specs.append(_whole((N, H, V, K)))
+        args.append(dfinalT)
+    out_specs = [pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
+                 pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
+                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv))]
+    out_shape = [jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
+                 jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
+                 jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32)]
+    if has_h0:
+        out_specs.append(_whole((N, H, V, K)))
+        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+    n_gates, has_dfinal = len(gates), dfinalT is not None
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref = refs[:3]
+        gate_refs = refs[3:3 + n_gates]
+        rest = list(refs[3 + n_gates:])
+        do_ref, states_ref = rest.pop(0), rest.pop(0)
+        first_ref, last_ref, seq_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+        dfinal_ref = rest.pop(0) if has_dfinal else None
+        dq_ref, dk_ref, dv_ref = rest.pop(0), rest.pop(0), rest.pop(0)
+        dh0_ref = rest.pop(0) if has_h0 else None
+        bh, iv = pl.program_id(0), pl.program_id(1)
+        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+
+        def step(i, dST):
+            n = NC - 1 - i
+            s = seq_ref[r, n]
+            if dfinal_ref is None:
+                dST = jnp.where(last_ref[r, n] == 1, 0.0, dST)
+            else:
+                dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
+            rows = pl.ds(n * C, C)
+            g = _load_gates(spec, gate_refs, n)
+            dq, dk, dv, dST_prev = km.chunk_backward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
+                                                     g, states_ref[n], dST, spec.mode, spec.sub_chunk_size)
+            dq_ref[rows, :] = dq
+            dk_ref[rows, :] = dk
+            dv_ref[rows, :] = dv
+            if dh0_ref is not None:
+                @pl.when(first_ref[r, n] == 1)
+                def _():
+                    dh0_ref[s, h, cols, :] = dST_prev
+            return dST_prev
+
+        jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
+
+    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=_params(spec), interpret=interpret,
+                          name=f"lolax_diag_{spec.mode or 'none'}_bwd")(*args)
+    return tuple(outs) if has_h0 else tuple(outs) + (None,)
