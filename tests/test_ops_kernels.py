@@ -18,7 +18,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from lolax.ops import PALLAS_FAMILIES, chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla
 from lolax.ops.common.diagonal import chunk_diagonal
-from lolax.ops.common.diagonal_kernels import interpret_kernels, run_kernels
+from lolax.ops.common.diagonal_kernels import interpret_kernels, kernel_tuning, run_kernels
 from lolax.ops.common.prepare import prepare
 from lolax.ops.testing import assert_close, assert_forms_match, family_inputs, family_op
 
@@ -47,6 +47,15 @@ def test_packed_strong_gates_match_naive(family, backend):
     """Packed sequences of lengths 1, 0, 15 and 63, an initial state each, strong gates."""
     cu = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
     check_kernels(family, backend, B=1, T=int(cu[-1]), num_states=len(LENGTHS), cu_seqlens=cu, chunk_size=32)
+
+
+@pytest.mark.parametrize("family", ["gla", pytest.param("simple_gla", marks=pytest.mark.slow),
+                                    pytest.param("linear_attn", marks=pytest.mark.slow)])
+def test_gpu_fused_schedule_matches_naive(family):
+    """The GPU kernels' other schedule (one sequential pass per head, as on TPU)."""
+    cu = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
+    with kernel_tuning("gpu", schedule="fused", block_v=16):
+        check_kernels(family, "gpu", B=1, T=int(cu[-1]), num_states=len(LENGTHS), cu_seqlens=cu, chunk_size=32)
 
 
 @pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
@@ -143,6 +152,9 @@ def test_dispatch_choices_and_errors():
         chunk_gla(q, k, v, g, implementation="pallas")
     with pytest.raises(ValueError, match="implementation must be None, 'xla' or 'pallas', got 'triton'"):
         chunk_simple_gla(q, k, v, implementation="triton")
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        with kernel_tuning("gpu", schedule="serial"):
+            pass
     with pytest.raises(ValueError, match="sub_chunk_size = 4"):
         chunk_gla(*(x[..., :8].repeat(2, -1) for x in (q, k, v, g)), sub_chunk_size=4, implementation="pallas")
 

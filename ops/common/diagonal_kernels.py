@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from . import decay
-from .kernel_spec import KernelSpec
+from .kernel_spec import DEFAULT_TUNING, KernelSpec, KernelTuning
 from .layout import from_chunk_major, make_chunk_plan, to_chunk_major
 from .prepare import Inputs
 
@@ -37,10 +38,31 @@ Array = jax.Array
 IMPLEMENTATIONS = ("xla", "pallas")
 SUPPORTED_DIMS = (16, 32, 64, 128, 256)
 SUPPORTED_DTYPES = ("float32", "bfloat16")
-DEFAULT_BLOCK_V = {"tpu": 128, "gpu": 64}
 
 
 _OFF_DEVICE = contextvars.ContextVar("lolax_off_device_kernels", default=("tpu", True))
+_TUNING = contextvars.ContextVar("lolax_kernel_tuning", default=DEFAULT_TUNING)
+
+
+@contextlib.contextmanager
+def kernel_tuning(platform: str, **choices):
+    """Overrides the kernels' launch choices (:class:`~.kernel_spec.KernelTuning`) on
+    ``platform`` (``"tpu"`` or ``"gpu"``) for the ops called (traced) inside the block.
+
+    >>> import jax
+    >>> from lolax.ops import chunk_gla
+    >>> with kernel_tuning("gpu", block_v=32, num_warps=8, schedule="fused"):
+    ...     f = jax.jit(lambda q, k, v, g: chunk_gla(q, k, v, g)[0])   # traced here: the choice sticks
+    """
+    if platform not in DEFAULT_TUNING:
+        raise ValueError(f"platform must be one of {sorted(DEFAULT_TUNING)}, got {platform!r}")
+    current = dict(_TUNING.get())
+    current[platform] = dataclasses.replace(current[platform], **choices)
+    token = _TUNING.set(current)
+    try:
+        yield
+    finally:
+        _TUNING.reset(token)
 
 
 @contextlib.contextmanager
@@ -215,7 +237,7 @@ _kernel_op.defvjp(_kernel_op_fwd, _kernel_op_bwd)
 
 
 def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform: str, interpret=False,
-                block_v: int | None = None, num_warps: int = 4, num_stages: int = 1):
+                tuning: KernelTuning | None = None, block_v: int | None = None):
     """The diagonal chunk form through the ``platform`` kernels (``"tpu"`` or ``"gpu"``).
 
     Returns ``(o [B, T, H, V] float32, final [N, H, K, V] float32)`` like
@@ -225,7 +247,8 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     V = x.v.shape[-1]
     C = kernel_chunk_size(T, chunk_size, sub_chunk_size)
     sub = min(sub_chunk_size, C)
-    BV = min(V, block_v or DEFAULT_BLOCK_V[platform])
+    tuning = tuning or DEFAULT_TUNING[platform]
+    BV = min(V, block_v or tuning.block_v)
     N = x.num_seqs
     plan = make_chunk_plan(B, T, C, x.cu_seqlens)
     compute = jnp.bfloat16 if jnp.dtype(x.out_dtype) == jnp.bfloat16 else jnp.float32
@@ -237,7 +260,8 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     first, last = as_int(plan.first), as_int(plan.last)
     seq = as_int(jnp.minimum(plan.seq, N - 1))
     spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=sub, block_v=BV, num_heads=H, num_seqs=N, key_dim=K,
-                      num_warps=num_warps, num_stages=num_stages)
+                      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                      schedule=tuning.schedule if platform == "gpu" else "fused")
     o, finalT = _kernel_op(q, k, v, g, h0T, first, last, seq, spec, platform, interpret)
     final = jnp.swapaxes(finalT, -1, -2)
     if x.cu_seqlens is not None:                                     # empty sequences keep their initial state
@@ -282,7 +306,8 @@ def chunk_diagonal_dispatch(x: Inputs, mode, chunk_size: int, sub_chunk_size: in
                              "use implementation='xla' (or None to fall back automatically)")
         return on_xla()
     return _dispatch(tuple(x[:9]), tuple(x[9:]), extra, with_extra, mode, chunk_size, sub_chunk_size,
-                     implementation, xla, xla_args, after_kernels, _OFF_DEVICE.get())
+                     implementation, xla, xla_args, after_kernels, _OFF_DEVICE.get(),
+                     tuple(sorted(_TUNING.get().items())))
 
 
 def _kernel_result(x, extra, o, final):
@@ -290,15 +315,16 @@ def _kernel_result(x, extra, o, final):
 
 
 # Compiled as a whole so that eager calls trace the platform branches once, not on every call.
-@functools.partial(jax.jit, static_argnums=(1,) + tuple(range(3, 12)))
+@functools.partial(jax.jit, static_argnums=(1,) + tuple(range(3, 13)))
 def _dispatch(arrays, statics, extra, with_extra, mode, chunk_size, sub_chunk_size, implementation, xla, xla_args,
-              after_kernels, off_device):
+              after_kernels, off_device, tuning):
     x = Inputs(*arrays, *statics)
     after = after_kernels or _kernel_result
+    tuning = dict(tuning)
 
     def kernels(platform: str, interpret=False):
         return lambda: after(x, extra, *run_kernels(x, mode, chunk_size, sub_chunk_size, platform,
-                                                    interpret=interpret))
+                                                    interpret=interpret, tuning=tuning[platform]))
 
     on_xla = (lambda: xla(x, extra, *xla_args)) if with_extra else (lambda: xla(x, *xla_args))
     if implementation is None:

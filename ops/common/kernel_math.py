@@ -221,3 +221,8 @@ def chunk_backward(q, k, v, do, gates: ChunkGates, ST, dST, mode, sub: int):
 def chunk_state(k, v, gates: ChunkGates, ST):
     """The state after one chunk, ``Sᵀ [BV, K]`` float32, without the chunk's outputs."""
     return _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0))
+
+
+def chunk_state_grad(q, do, gates: ChunkGates, dST):
+    """The cotangent of the state entering a chunk from the one leaving it, ``dSᵀ [BV, K]``."""
+    return _decay_state(dST, gates.total) + dot(do, _scaled(q, gates.from_start), (0, 0))

@@ -29,3 +29,39 @@ class KernelSpec:
     key_dim: int
     num_warps: int = 4
     num_stages: int = 1
+    schedule: str = "fused"
+
+
+SCHEDULES = ("fused", "two_phase")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTuning:
+    """Launch choices of the kernels on one platform (see ``docs/kernels.md``).
+
+    Attributes:
+      block_v: value columns per program (the state block is ``[block_v, K]``); capped at V.
+      num_warps, num_stages: Triton launch parameters (GPU only).
+      schedule: ``"fused"``: one sequential pass per head computes outputs and states together;
+        ``"two_phase"``: a light sequential pass stores the state entering every chunk, then all
+        chunks run in parallel (more programs in flight on a GPU; more memory traffic).
+    """
+
+    block_v: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    schedule: str = "fused"
+
+    def __post_init__(self):
+        if self.block_v not in (16, 32, 64, 128, 256):
+            raise ValueError(f"block_v must be one of 16, 32, 64, 128, 256, got {self.block_v!r}")
+        for name in ("num_warps", "num_stages"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+
+DEFAULT_TUNING = {"tpu": KernelTuning(block_v=128), "gpu": KernelTuning(block_v=64, schedule="two_phase")}
+"""The defaults: untuned on hardware (no accelerator was available when they were set)."""

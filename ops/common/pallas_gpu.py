@@ -1,9 +1,17 @@
 """Triton (GPU) kernels of the diagonal-decay chunk form: forward, state recomputation, backward.
 
-One program per (row·head, value block) walks its chunks in a ``fori_loop`` with the state
-``Sᵀ [BV, K]`` in registers (Triton programs of one launch run concurrently, so the chunk axis
-cannot be a grid axis as on TPU).  The per-chunk mathematics is :mod:`.kernel_math`, shared with
-the TPU kernels; packing follows the same chunk-plan tables as there.
+Triton programs of one launch run concurrently, so a sequential chunk axis cannot be a grid axis
+as on TPU: one program per (row·head, value block) walks its chunks in a ``fori_loop`` with the
+state ``Sᵀ [BV, K]`` in registers.  Two schedules (``KernelSpec.schedule``):
+
+* ``"fused"``: that sequential walk computes everything (outputs, or all gradients), as on TPU;
+  only ``rows·heads·value blocks`` programs run, which can leave a large GPU partly idle;
+* ``"two_phase"``: the sequential walk only carries states (``[BV, K]`` per chunk, cheap) and
+  stores the state entering each chunk (or the cotangent leaving it); then one program per
+  (row·head, value block, chunk) computes the outputs or ``dq, dk, dv`` in parallel.
+
+The per-chunk mathematics is :mod:`.kernel_math`, shared with the TPU kernels; packing follows the
+same chunk-plan tables as there.
 
 These kernels use Pallas' Triton lowering, which JAX 0.11 deprecates in favour of Mosaic GPU;
 the module is self-contained so that a Mosaic GPU port replaces only this file.
@@ -53,7 +61,20 @@ def _params(spec: KernelSpec):
 @functools.partial(jax.jit, static_argnames=("spec", "store_states", "emit_output", "want_final", "interpret"))
 def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states=False, emit_output=True,
             want_final=True, interpret=False):
-    """Same contract as :func:`.pallas_tpu.forward`."""
+    """Same contract as :func:`.pallas_tpu.forward`; ``spec.schedule`` picks the fused or the
+    two-phase schedule."""
+    if spec.schedule == "two_phase" and emit_output:
+        _, finalT, statesT = _sequential_forward(q, k, v, gates, h0T, first, last, seq, spec=spec, store_states=True,
+                                                 emit_output=False, want_final=want_final, interpret=interpret)
+        o = _parallel_output(q, k, v, gates, statesT, spec=spec, interpret=interpret)
+        return o, finalT, statesT if store_states else None
+    return _sequential_forward(q, k, v, gates, h0T, first, last, seq, spec=spec, store_states=store_states,
+                               emit_output=emit_output, want_final=want_final, interpret=interpret)
+
+
+def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states, emit_output,
+                        want_final, interpret):
+    """The chunk-by-chunk pass: outputs (fused schedule) and/or the state entering every chunk."""
     BH, Tp, K = q.shape
     V = v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
@@ -126,7 +147,20 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
 @functools.partial(jax.jit, static_argnames=("spec", "has_h0", "interpret"))
 def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
              interpret=False):
-    """Same contract as :func:`.pallas_tpu.backward`."""
+    """Same contract as :func:`.pallas_tpu.backward`; ``spec.schedule`` picks the fused or the
+    two-phase schedule."""
+    if spec.schedule == "two_phase":
+        dstatesT, dh0T = _state_grads(q, gates, do, dfinalT, first, last, seq, spec=spec, has_h0=has_h0,
+                                      interpret=interpret)
+        dq, dk, dv = _parallel_grads(q, k, v, gates, do, statesT, dstatesT, spec=spec, interpret=interpret)
+        return dq, dk, dv, dh0T
+    return _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec, has_h0=has_h0,
+                                interpret=interpret)
+
+
+def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
+                         interpret):
+    """The fused reverse pass: state cotangents and dq, dk, dv chunk by chunk."""
     BH, Tp, K = q.shape
     V = v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
@@ -192,3 +226,138 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
                           compiler_params=_params(spec), interpret=interpret,
                           name=f"lolax_diag_{spec.mode or 'none'}_bwd")(*args)
     return tuple(outs) if has_h0 else tuple(outs) + (None,)
+
+
+def _parallel_gate_specs(spec: KernelSpec):
+    C, K = spec.chunk_size, spec.key_dim
+    if spec.mode is None:
+        return []
+    if spec.mode == "head":
+        col = pl.BlockSpec((None, C, 1), lambda bh, iv, n: (bh, n, 0))
+        row = pl.BlockSpec((None, None, 1, C), lambda bh, iv, n: (bh, n, 0, 0))
+        return [col, col, row, row]
+    return [pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))]
+
+
+def _parallel_gates(spec: KernelSpec, gate_refs):
+    if spec.mode == "head":
+        Gc, Rc, Gr, Rr = gate_refs
+        return km.chunk_gates("head", [Gc[...], Rc[...], Gr[...], Rr[...]])
+    return km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
+
+
+def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
+    """Every chunk at once: ``o = intra-chunk + (Q ⊙ decay) S_in`` with the stored entering states."""
+    BH, Tp, K = q.shape
+    V = v.shape[-1]
+    C, BV = spec.chunk_size, spec.block_v
+    NC, NV = Tp // C, V // BV
+    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))
+    vb = pl.BlockSpec((None, C, BV), lambda bh, iv, n: (bh, n, iv))
+    st = pl.BlockSpec((None, None, BV, K), lambda bh, iv, n: (bh, n, iv, 0))
+    n_gates = len(gates)
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref = refs[:3]
+        gate_refs = refs[3:3 + n_gates]
+        states_ref, o_ref = refs[3 + n_gates:]
+        g = _parallel_gates(spec, gate_refs)
+        o, _ = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, states_ref[...], spec.mode,
+                                spec.sub_chunk_size)
+        o_ref[...] = o
+
+    return pl.pallas_call(kernel, grid=(BH, NV, NC), in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), st],
+                          out_specs=vb, out_shape=jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32),
+                          compiler_params=_params(spec), interpret=interpret,
+                          name=f"lolax_diag_{spec.mode or 'none'}_fwd_out")(q, k, v, *gates, statesT)
+
+
+def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool, interpret):
+    """The reverse chunk-by-chunk pass over state cotangents only: ``(dSᵀ leaving every chunk
+    [BH, NC, V, K], dh0ᵀ or None)``."""
+    BH, Tp, K = q.shape
+    V = do.shape[-1]
+    C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
+    NC, NV = Tp // C, V // BV
+    R = first.shape[0]
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)), *_gate_specs(spec, Tp, NC),
+                pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
+                _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+    args = [q, *gates, do, first, last, seq]
+    if dfinalT is not None:
+        in_specs.append(_whole((N, H, V, K)))
+        args.append(dfinalT)
+    out_specs = [pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
+    out_shape = [jax.ShapeDtypeStruct((BH, NC, V, K), jnp.float32)]
+    if has_h0:
+        out_specs.append(_whole((N, H, V, K)))
+        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+    n_gates, has_dfinal = len(gates), dfinalT is not None
+
+    def kernel(*refs):
+        q_ref = refs[0]
+        gate_refs = refs[1:1 + n_gates]
+        rest = list(refs[1 + n_gates:])
+        do_ref, first_ref, last_ref, seq_ref = rest.pop(0), rest.pop(0), rest.pop(0), rest.pop(0)
+        dfinal_ref = rest.pop(0) if has_dfinal else None
+        dstates_ref = rest.pop(0)
+        dh0_ref = rest.pop(0) if has_h0 else None
+        bh, iv = pl.program_id(0), pl.program_id(1)
+        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+
+        def step(i, dST):
+            n = NC - 1 - i
+            s = seq_ref[r, n]
+            if dfinal_ref is None:
+                dST = jnp.where(last_ref[r, n] == 1, 0.0, dST)
+            else:
+                dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
+            dstates_ref[n] = dST
+            rows = pl.ds(n * C, C)
+            dST_prev = km.chunk_state_grad(q_ref[rows, :], do_ref[rows, :], _load_gates(spec, gate_refs, n), dST)
+            if dh0_ref is not None:
+                @pl.when(first_ref[r, n] == 1)
+                def _():
+                    dh0_ref[s, h, cols, :] = dST_prev
+            return dST_prev
+
+        jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
+
+    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=_params(spec), interpret=interpret,
+                          name=f"lolax_diag_{spec.mode or 'none'}_bwd_states")(*args)
+    return (outs[0], outs[1]) if has_h0 else (outs[0], None)
+
+
+def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, interpret):
+    """Every chunk at once: ``dq, dk`` (partial over value blocks) and ``dv`` from the entering
+    states and the cotangents of the leaving states."""
+    BH, Tp, K = q.shape
+    V = v.shape[-1]
+    C, BV = spec.chunk_size, spec.block_v
+    NC, NV = Tp // C, V // BV
+    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))
+    vb = pl.BlockSpec((None, C, BV), lambda bh, iv, n: (bh, n, iv))
+    st = pl.BlockSpec((None, None, BV, K), lambda bh, iv, n: (bh, n, iv, 0))
+    part = pl.BlockSpec((None, None, C, K), lambda bh, iv, n: (iv, bh, n, 0))
+    n_gates = len(gates)
+
+    def kernel(*refs):
+        q_ref, k_ref, v_ref = refs[:3]
+        gate_refs = refs[3:3 + n_gates]
+        do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref = refs[3 + n_gates:]
+        g = _parallel_gates(spec, gate_refs)
+        dq, dk, dv, _ = km.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
+                                          dstates_ref[...], spec.mode, spec.sub_chunk_size)
+        dq_ref[...] = dq
+        dk_ref[...] = dk
+        dv_ref[...] = dv
+
+    out_shape = [jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
+                 jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
+                 jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32)]
+    return pl.pallas_call(kernel, grid=(BH, NV, NC),
+                          in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
+                          out_specs=[part, part, vb], out_shape=out_shape, compiler_params=_params(spec),
+                          interpret=interpret, name=f"lolax_diag_{spec.mode or 'none'}_bwd_chunks")(
+        q, k, v, *gates, do, statesT, dstatesT)
