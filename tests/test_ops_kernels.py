@@ -214,3 +214,15 @@ def test_compiled_kernels_on_gpu(family, dtype):
 @pytest.mark.parametrize("family", PALLAS_FAMILIES)
 def test_kernels_match_naive_full(family, backend, dtype, T):
     check_kernels(family, backend, B=2, T=T, dtype=dtype, chunk_size=64 if T > 100 else 16)
+
+
+def test_every_kernel_op_takes_implementation_keyword_only():
+    import inspect
+
+    from lolax import ops
+    names = [n for n in ops.__all__ if n.startswith("chunk_") and any(f in n for f in
+             ("linear_attn", "simple_gla", "retention", "lightning", "gla")) and "delta" not in n]
+    assert len(names) == 5
+    for name in names:
+        param = inspect.signature(getattr(ops, name)).parameters["implementation"]
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None, name
