@@ -32,6 +32,7 @@ from . import decay
 from .kernel_spec import DEFAULT_TUNING, KernelSpec, KernelTuning
 from .layout import from_chunk_major, make_chunk_plan, to_chunk_major
 from .prepare import Inputs
+from .scan import vary_like
 
 Array = jax.Array
 
@@ -256,9 +257,11 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     gate = x.g if mode == "head" else x.gk if mode == "key" else None
     g = None if gate is None else _to_rows(gate, plan)
     h0T = None if x.initial_state is None else jnp.swapaxes(x.initial_state, -1, -2)
-    as_int = lambda a: a.astype(jnp.int32)
+    # inside shard_map every kernel operand must vary over the mesh axes the tokens vary over
+    as_int = lambda a: vary_like(a.astype(jnp.int32), q)
     first, last = as_int(plan.first), as_int(plan.last)
     seq = as_int(jnp.minimum(plan.seq, N - 1))
+    h0T = None if h0T is None else vary_like(h0T, q)
     spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=sub, block_v=BV, num_heads=H, num_seqs=N, key_dim=K,
                       num_warps=tuning.num_warps, num_stages=tuning.num_stages,
                       schedule=tuning.schedule if platform == "gpu" else "fused")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelSpec:
@@ -65,3 +67,16 @@ class KernelTuning:
 
 DEFAULT_TUNING = {"tpu": KernelTuning(block_v=128), "gpu": KernelTuning(block_v=64, schedule="two_phase")}
 """The defaults: untuned on hardware (no accelerator was available when they were set)."""
+
+
+def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:
+    """The shape of a kernel output, varying over the same mesh axes as ``like`` (inside
+    ``shard_map(check_vma=True)`` a kernel must say so; outside it the annotation is empty)."""
+    aval = jax.typeof(like)
+    mat = getattr(aval, "mat", None)                  # jax 0.10: the manual axis type
+    if mat is not None:
+        return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat)
+    vma = getattr(aval, "vma", None)                  # newer and older jax: the varying axes
+    if vma:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
+    return jax.ShapeDtypeStruct(shape, dtype)

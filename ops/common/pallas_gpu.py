@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from . import kernel_math as km
-from .kernel_spec import KernelSpec
+from .kernel_spec import KernelSpec, out_struct
 
 
 def _whole(shape):
@@ -91,13 +91,13 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
     out_specs, out_shape = [], []
     if emit_output:
         out_specs.append(pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)))
-        out_shape.append(jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32))
+        out_shape.append(out_struct((BH, Tp, V), jnp.float32, q))
     if want_final:
         out_specs.append(_whole((N, H, V, K)))
-        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+        out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     if store_states:
         out_specs.append(pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((BH, NC, V, K), jnp.float32))
+        out_shape.append(out_struct((BH, NC, V, K), jnp.float32, q))
     n_gates, has_h0 = len(gates), h0T is not None
 
     def kernel(*refs):
@@ -180,12 +180,12 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
     out_specs = [pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
                  pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
                  pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv))]
-    out_shape = [jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32)]
+    out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((BH, Tp, V), jnp.float32, q)]
     if has_h0:
         out_specs.append(_whole((N, H, V, K)))
-        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+        out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
     def kernel(*refs):
@@ -267,7 +267,7 @@ def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
         o_ref[...] = o
 
     return pl.pallas_call(kernel, grid=(BH, NV, NC), in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), st],
-                          out_specs=vb, out_shape=jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32),
+                          out_specs=vb, out_shape=out_struct((BH, Tp, V), jnp.float32, q),
                           compiler_params=_params(spec), interpret=interpret,
                           name=f"lolax_diag_{spec.mode or 'none'}_fwd_out")(q, k, v, *gates, statesT)
 
@@ -288,10 +288,10 @@ def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, h
         in_specs.append(_whole((N, H, V, K)))
         args.append(dfinalT)
     out_specs = [pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
-    out_shape = [jax.ShapeDtypeStruct((BH, NC, V, K), jnp.float32)]
+    out_shape = [out_struct((BH, NC, V, K), jnp.float32, q)]
     if has_h0:
         out_specs.append(_whole((N, H, V, K)))
-        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+        out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
     def kernel(*refs):
@@ -353,9 +353,9 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
         dk_ref[...] = dk
         dv_ref[...] = dv
 
-    out_shape = [jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32)]
+    out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((BH, Tp, V), jnp.float32, q)]
     return pl.pallas_call(kernel, grid=(BH, NV, NC),
                           in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
                           out_specs=[part, part, vb], out_shape=out_shape, compiler_params=_params(spec),

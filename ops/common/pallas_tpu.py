@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import kernel_math as km
-from .kernel_spec import KernelSpec
+from .kernel_spec import KernelSpec, out_struct
 
 
 def _gate_specs(spec: KernelSpec, chunk_of):
@@ -63,13 +63,13 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
     out_specs, out_shape = [], []
     if emit_output:
         out_specs.append(pl.BlockSpec((None, C, BV), lambda bh, iv, n, *t: (bh, n, iv)))
-        out_shape.append(jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32))
+        out_shape.append(out_struct((BH, Tp, V), jnp.float32, q))
     if want_final:
         out_specs.append(pl.BlockSpec((None, None, BV, K), by_seq))
-        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+        out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     if store_states:
         out_specs.append(pl.BlockSpec((None, None, BV, K), lambda bh, iv, n, *t: (bh, n, iv, 0)))
-        out_shape.append(jax.ShapeDtypeStruct((BH, NC, V, K), jnp.float32))
+        out_shape.append(out_struct((BH, NC, V, K), jnp.float32, q))
     n_gates, has_h0 = len(gates), h0T is not None
 
     def kernel(first_ref, last_ref, seq_ref, *refs):
@@ -140,12 +140,12 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
     out_specs = [pl.BlockSpec((None, None, C, K), lambda bh, iv, n, *t: (iv, bh, rev(n), 0)),
                  pl.BlockSpec((None, None, C, K), lambda bh, iv, n, *t: (iv, bh, rev(n), 0)),
                  pl.BlockSpec((None, C, BV), lambda bh, iv, n, *t: (bh, rev(n), iv))]
-    out_shape = [jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((NV, BH, Tp, K), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, Tp, V), jnp.float32)]
+    out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((NV, BH, Tp, K), jnp.float32, q),
+                 out_struct((BH, Tp, V), jnp.float32, q)]
     if has_h0:
         out_specs.append(pl.BlockSpec((None, None, BV, K), by_seq))
-        out_shape.append(jax.ShapeDtypeStruct((N, H, V, K), jnp.float32))
+        out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
     def kernel(first_ref, last_ref, seq_ref, *refs):
