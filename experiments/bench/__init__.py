@@ -1,1 +1,1 @@
-"""Benchmarks: ops (sequence mixers), optimizer step time and memory."""
+"""Benchmarks: ops (sequence mixers), kernels (the Pallas kernels on a GPU), optimizer step time and memory."""
