@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable
 
-from .common.diagonal_kernels import interpret_kernels
+from .common.diagonal_kernels import current_tuning, interpret_kernels, kernel_tuning
 from .delta_rule import chunk_delta_rule, fused_recurrent_delta_rule
 from .gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 from .gla import chunk_gla, fused_recurrent_gla
@@ -55,7 +55,7 @@ def get_op(family: str, form: str = "chunk") -> Callable:
     return getattr(importlib.import_module(f".{family}", __name__), f"{form}_{family}")
 
 
-__all__ = ["FAMILIES", "PALLAS_FAMILIES", "FORMS", "get_op", "interpret_kernels",
+__all__ = ["FAMILIES", "PALLAS_FAMILIES", "FORMS", "get_op", "interpret_kernels", "kernel_tuning", "current_tuning",
            "chunk_linear_attn", "fused_recurrent_linear_attn", "chunk_simple_gla",
            "fused_recurrent_simple_gla", "chunk_retention", "fused_recurrent_retention", "chunk_lightning_attn",
            "fused_recurrent_lightning_attn", "chunk_gla", "fused_recurrent_gla", "chunk_delta_rule",

@@ -48,17 +48,24 @@ _TUNING = contextvars.ContextVar("lolax_kernel_tuning", default=DEFAULT_TUNING)
 @contextlib.contextmanager
 def kernel_tuning(platform: str, **choices):
     """Overrides the kernels' launch choices (:class:`~.kernel_spec.KernelTuning`) on
-    ``platform`` (``"tpu"`` or ``"gpu"``) for the ops called (traced) inside the block.
+    ``platform`` (``"tpu"`` or ``"gpu"``) for the ops *traced* inside the block.
+
+    The choice is read when an op is traced, like any Python-level setting: a function jitted and
+    traced before (or outside) the block keeps the program it compiled then.  Trace a fresh
+    function inside the block to compare choices.
 
     >>> import jax
     >>> from lolax.ops import chunk_gla
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 1, 32, 1, 16))
     >>> with kernel_tuning("gpu", block_v=32, num_warps=8, schedule="fused"):
-    ...     f = jax.jit(lambda q, k, v, g: chunk_gla(q, k, v, g)[0])   # traced here: the choice sticks
+    ...     o, _ = jax.jit(chunk_gla)(q, k, v, jax.nn.log_sigmoid(q))    # traced (and compiled) here
+    ...     current_tuning("gpu").schedule
+    'fused'
+    >>> current_tuning("gpu").schedule
+    'two_phase'
     """
-    if platform not in DEFAULT_TUNING:
-        raise ValueError(f"platform must be one of {sorted(DEFAULT_TUNING)}, got {platform!r}")
     current = dict(_TUNING.get())
-    current[platform] = dataclasses.replace(current[platform], **choices)
+    current[platform] = dataclasses.replace(current_tuning(platform), **choices)
     token = _TUNING.set(current)
     try:
         yield
@@ -90,6 +97,13 @@ def interpret_kernels(backend: str = "tpu", params=True):
         yield
     finally:
         _OFF_DEVICE.reset(token)
+
+
+def current_tuning(platform: str) -> KernelTuning:
+    """The launch choices in effect on ``platform`` (``"tpu"`` or ``"gpu"``) here and now."""
+    if platform not in DEFAULT_TUNING:
+        raise ValueError(f"platform must be one of {sorted(DEFAULT_TUNING)}, got {platform!r}")
+    return _TUNING.get()[platform]
 
 
 def check_implementation(implementation) -> str | None:
