@@ -41,12 +41,15 @@ def check_kernels(family, backend, *, B, T, K=16, V=32, dtype=jnp.float32, stren
                                   args, do, dht, TOL[dtype])
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("family", PALLAS_FAMILIES)
+@pytest.mark.parametrize("family,backend", [
+    ("linear_attn", "tpu"), pytest.param("linear_attn", "gpu", marks=pytest.mark.slow), ("simple_gla", "tpu"),
+    ("simple_gla", "gpu"), ("gla", "tpu"), ("gla", "gpu")])
 def test_packed_strong_gates_match_naive(family, backend):
-    """Packed sequences of lengths 1, 0, 15 and 63, an initial state each, strong gates."""
+    """Packed sequences of lengths 1, 0, 15 and 63, an initial state each, strong gates (on GPU
+    in two value blocks, so dq and dk are sums over programs)."""
     cu = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
-    check_kernels(family, backend, B=1, T=int(cu[-1]), num_states=len(LENGTHS), cu_seqlens=cu, chunk_size=32)
+    with kernel_tuning("gpu", block_v=16):                 # V = 32: two value blocks on GPU
+        check_kernels(family, backend, B=1, T=int(cu[-1]), num_states=len(LENGTHS), cu_seqlens=cu, chunk_size=32)
 
 
 @pytest.mark.parametrize("family", ["gla", pytest.param("simple_gla", marks=pytest.mark.slow),
@@ -61,6 +64,17 @@ def test_gpu_fused_schedule_matches_naive(family):
 @pytest.mark.parametrize("backend", ["tpu", pytest.param("gpu", marks=pytest.mark.slow)])
 def test_bf16_gla_matches_naive(backend):
     check_kernels("gla", backend, B=1, T=40, dtype=jnp.bfloat16, chunk_size=16, strength=1.0)
+
+
+def test_bf16_single_part_products_stay_within_their_documented_error():
+    """``split_bf16=False`` (every operand rounded to one bf16 part, flash-linear-attention's
+    choice): outputs within 1e-2 and the gate gradient within 3e-2 relative RMS of the oracle (it
+    is ~1.4e-2 here: the reverse sum of q ⊙ dq - k ⊙ dk nearly cancels)."""
+    args, do, dht = family_inputs("simple_gla", 0, 2, 200, 2, 16, 32, dtype=jnp.bfloat16)
+    with interpret_kernels("gpu"), kernel_tuning("gpu", split_bf16=False):
+        assert_forms_match(family_op("simple_gla", "naive"),
+                           {"one_part": family_op("simple_gla", "chunk", implementation="pallas")}, args, do, dht,
+                           {**TOL[jnp.bfloat16], "dg": 3e-2})
 
 
 @pytest.mark.parametrize("T,backend", [(1, "gpu"), (200, "tpu")])
@@ -100,7 +114,8 @@ def test_normalized_linear_attention_matches_xla():
         assert_close(name, a, b, 1e-5)
 
 
-@pytest.mark.parametrize("backend", [pytest.param("tpu", marks=pytest.mark.slow), "gpu"])
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_value_blocks_split_the_state(backend):
     """``block_v`` < V: several programs per head, dq and dk summed over value blocks."""
     B, T, H, K, V = 1, 40, 2, 16, 32
@@ -125,17 +140,18 @@ def test_value_blocks_split_the_state(backend):
 
 
 def test_models_pass_their_implementation_down():
-    """``model.implementation`` reaches every kernel family's op: linear attention, RetNet, GLA."""
+    """``model.implementation`` reaches the kernel families' ops (linear attention, GLA)."""
     import dataclasses
 
     from flax import nnx
 
     from lolax.models import LanguageModel, ModelConfig
-    cfg = ModelConfig(vocab_size=64, d_model=64, num_heads=2, num_layers=3, pattern="LRG", mlp_hidden=64,
+    cfg = ModelConfig(vocab_size=64, d_model=64, num_heads=2, num_layers=2, pattern="LG", mlp_hidden=64,
                       chunk_size=16)
-    tokens = jax.random.randint(jax.random.key(0), (1, 20), 0, 64)
-    logits = {impl: LanguageModel(dataclasses.replace(cfg, implementation=impl), nnx.Rngs(0))(tokens)
-              for impl in ("xla", "pallas")}
+    tokens = jax.random.randint(jax.random.key(0), (1, 16), 0, 64)
+    with interpret_kernels("gpu"):
+        logits = {impl: LanguageModel(dataclasses.replace(cfg, implementation=impl), nnx.Rngs(0))(tokens)
+                  for impl in ("xla", "pallas")}
     assert_close("logits", logits["xla"], logits["pallas"], 1e-5)
     small = dataclasses.replace(cfg, d_model=32, pattern="G", num_layers=1, implementation="pallas")
     with pytest.raises(ValueError, match="implementation='pallas' does not support"):

@@ -278,7 +278,8 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     h0T = None if h0T is None else vary_like(h0T, q)
     spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=sub, block_v=BV, num_heads=H, num_seqs=N, key_dim=K,
                       num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-                      schedule=tuning.schedule if platform == "gpu" else "fused")
+                      schedule=tuning.schedule if platform == "gpu" else "fused",
+                      products="f32" if compute == jnp.float32 else "bf16_split" if tuning.split_bf16 else "bf16")
     o, finalT = _kernel_op(q, k, v, g, h0T, first, last, seq, spec, platform, interpret)
     final = jnp.swapaxes(finalT, -1, -2)
     if x.cu_seqlens is not None:                                     # empty sequences keep their initial state

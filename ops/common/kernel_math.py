@@ -31,13 +31,37 @@ F32 = jnp.float32
 GATE_MODES = (None, "head", "key")
 
 
-def dot(a: Array, b: Array, contract: tuple[int, int] = (1, 0)) -> Array:
+PRODUCTS = ("f32", "bf16_split", "bf16")
+"""How the kernels multiply: ``"f32"`` (float32 inputs: float32 operands at ``HIGHEST``);
+``"bf16_split"`` (bf16 inputs: bf16 operands, and a float32 operand, such as a state or a decayed
+key, as the sum of two bf16 parts, its rounding and the rounding of the remainder, so that the
+product keeps about 16 bits); ``"bf16"`` (every operand rounded to one bf16 part)."""
+
+
+def _parts(x: Array) -> list[Array]:
+    if x.dtype == jnp.bfloat16:
+        return [x]
+    hi = x.astype(jnp.bfloat16)
+    return [hi, (x - hi.astype(F32)).astype(jnp.bfloat16)]
+
+
+def dot(a: Array, b: Array, contract: tuple[int, int] = (1, 0), products: str = "f32") -> Array:
     """A 2-D product with float32 accumulation: ``a @ b`` (``(1, 0)``), ``a @ bᵀ`` (``(1, 1)``) or
-    ``aᵀ @ b`` (``(0, 0)``).  Float32 operands run at ``HIGHEST`` (IEEE on GPU, six passes on TPU);
-    bf16 operands run natively."""
-    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 else jax.lax.Precision.DEFAULT
+    ``aᵀ @ b`` (``(0, 0)``), with operands as :data:`PRODUCTS` says.  Split operands cost two
+    (or, both split, three) bf16 products; the product of the two small parts is left out."""
     dims = (((contract[0],), (contract[1],)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, precision=(precision, precision), preferred_element_type=F32)
+    if products == "f32":
+        hi = (jax.lax.Precision.HIGHEST,) * 2
+        return jax.lax.dot_general(a.astype(F32), b.astype(F32), dims, precision=hi, preferred_element_type=F32)
+    if products == "bf16":
+        return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims, preferred_element_type=F32)
+    out = None
+    for i, x in enumerate(_parts(a)):
+        for j, y in enumerate(_parts(b)):
+            if i + j < 2:
+                term = jax.lax.dot_general(x, y, dims, preferred_element_type=F32)
+                out = term if out is None else out + term
+    return out
 
 
 def iota(shape: tuple[int, ...], axis: int) -> Array:
@@ -122,13 +146,13 @@ def _diag_terms(G, R, sub: int, p: int, partner_later: bool):
     return valid, jnp.exp(jnp.where(valid, exponent, 0.0))
 
 
-def scores(q: Array, k: Array, gates: ChunkGates, mode, sub: int) -> Array:
+def scores(q: Array, k: Array, gates: ChunkGates, mode, sub: int, products: str) -> Array:
     """The masked intra-chunk scores ``A [C, C]``: ``A_ij = Σ_d q_id k_jd exp(decay_d(j -> i))``."""
     C = q.shape[0]
     rows, cols = iota((C, C), 0), iota((C, C), 1)
     causal = rows >= cols
     if mode != "key":
-        A = dot(q, k, (1, 1))
+        A = dot(q, k, (1, 1), products)
         return jnp.where(causal, A, 0.0) if mode is None else A * gates.pairwise
     qf, kf = q.astype(F32), k.astype(F32)
     G, R = gates.G, gates.R
@@ -136,8 +160,7 @@ def scores(q: Array, k: Array, gates: ChunkGates, mode, sub: int) -> Array:
     for n in range(sub, C, sub):
         to_n, from_n = _off_diagonal_factors(G, R, n)
         block = (rows >= n) & (rows < n + sub) & (cols < n)
-        qh, kh = (qf * to_n).astype(q.dtype), (kf * from_n).astype(k.dtype)
-        A = jnp.where(block, dot(qh, kh, (1, 1)), A)
+        A = jnp.where(block, dot(qf * to_n, kf * from_n, (1, 1), products), A)
     start = _sub_start(C, sub)
     for p in range(sub):
         valid, E = _diag_terms(G, R, sub, p, partner_later=False)
@@ -146,13 +169,13 @@ def scores(q: Array, k: Array, gates: ChunkGates, mode, sub: int) -> Array:
     return A
 
 
-def score_grads(q: Array, k: Array, dA: Array, dAT: Array, gates: ChunkGates, mode, sub: int):
+def score_grads(q: Array, k: Array, dA: Array, dAT: Array, gates: ChunkGates, mode, sub: int, products: str):
     """``(dq, dk)`` of :func:`scores` for the cotangent ``dA`` (and its transpose ``dAT``), both
     already masked to ``i >= j``."""
     if mode != "key":
         if mode == "head":
             dA = dA * gates.pairwise
-        return dot(dA.astype(k.dtype), k), dot(dA.astype(q.dtype), q, (0, 0))
+        return dot(dA, k, products=products), dot(dA, q, (0, 0), products)
     C, K = q.shape
     rows, cols = iota((C, C), 0), iota((C, C), 1)
     qf, kf = q.astype(F32), k.astype(F32)
@@ -162,10 +185,9 @@ def score_grads(q: Array, k: Array, dA: Array, dAT: Array, gates: ChunkGates, mo
     for n in range(sub, C, sub):
         to_n, from_n = _off_diagonal_factors(G, R, n)
         block = (rows >= n) & (rows < n + sub) & (cols < n)
-        qh, kh = (qf * to_n).astype(q.dtype), (kf * from_n).astype(k.dtype)
-        dAb = jnp.where(block, dA, 0.0).astype(q.dtype)
-        dq = dq + dot(dAb, kh) * to_n
-        dk = dk + dot(dAb, qh, (0, 0)) * from_n
+        dAb = jnp.where(block, dA, 0.0)
+        dq = dq + dot(dAb, kf * from_n, products=products) * to_n
+        dk = dk + dot(dAb, qf * to_n, (0, 0), products) * from_n
     start = _sub_start(C, sub)
     for p in range(sub):
         valid, E = _diag_terms(G, R, sub, p, partner_later=False)
@@ -178,51 +200,51 @@ def score_grads(q: Array, k: Array, dA: Array, dAT: Array, gates: ChunkGates, mo
 
 
 def _scaled(x: Array, log_decay: Array | None) -> Array:
-    """``x ⊙ exp(log_decay)`` in x's dtype (the operand of a product)."""
-    return x if log_decay is None else (x.astype(F32) * jnp.exp(log_decay)).astype(x.dtype)
+    """``x ⊙ exp(log_decay)``: float32 when decayed, else x as loaded."""
+    return x if log_decay is None else x.astype(F32) * jnp.exp(log_decay)
 
 
 def _decay_state(ST: Array, total: Array | None) -> Array:
     return ST if total is None else ST * jnp.exp(total)
 
 
-def chunk_forward(q, k, v, gates: ChunkGates, ST, mode, sub: int):
+def chunk_forward(q, k, v, gates: ChunkGates, ST, mode, sub: int, products: str):
     """One chunk forward: ``(o [C, BV] float32, Sᵀ after the chunk [BV, K] float32)``.
 
     ``q`` is already scaled; ``ST`` is the state entering the chunk.
     """
-    A = scores(q, k, gates, mode, sub)
-    o = dot(A.astype(v.dtype), v) + dot(_scaled(q, gates.from_start), ST.astype(q.dtype), (1, 1))
-    ST_next = _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0))
+    A = scores(q, k, gates, mode, sub, products)
+    o = dot(A, v, products=products) + dot(_scaled(q, gates.from_start), ST, (1, 1), products)
+    ST_next = _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0), products)
     return o, ST_next
 
 
-def chunk_backward(q, k, v, do, gates: ChunkGates, ST, dST, mode, sub: int):
+def chunk_backward(q, k, v, do, gates: ChunkGates, ST, dST, mode, sub: int, products: str):
     """One chunk backward.  ``ST``: the state entering the chunk; ``dST``: the cotangent of the
     state leaving it.  Returns ``(dq, dk, dv, dSᵀ entering)``, all float32."""
     C = q.shape[0]
     causal = iota((C, C), 0) >= iota((C, C), 1)
-    A = scores(q, k, gates, mode, sub)
-    dA = jnp.where(causal, dot(do, v, (1, 1)), 0.0)
-    dAT = jnp.where(iota((C, C), 1) >= iota((C, C), 0), dot(v, do, (1, 1)), 0.0) if mode == "key" else None
-    dq, dk = score_grads(q, k, dA, dAT, gates, mode, sub)
+    p = products
+    A = scores(q, k, gates, mode, sub, p)
+    dA = jnp.where(causal, dot(do, v, (1, 1), p), 0.0)
+    dAT = jnp.where(iota((C, C), 1) >= iota((C, C), 0), dot(v, do, (1, 1), p), 0.0) if mode == "key" else None
+    dq, dk = score_grads(q, k, dA, dAT, gates, mode, sub, p)
     qs, ks = _scaled(q, gates.from_start), _scaled(k, gates.to_end)
-    cd = q.dtype
-    dqs = dot(do, ST.astype(cd))                                     # [C, K]
-    dks = dot(v, dST.astype(cd))                                     # [C, K]
+    dqs = dot(do, ST, products=p)                                    # [C, K]
+    dks = dot(v, dST, products=p)                                    # [C, K]
     if gates.from_start is not None:
         dqs = dqs * jnp.exp(gates.from_start)
         dks = dks * jnp.exp(gates.to_end)
-    dv = dot(A.astype(cd), do, (0, 0)) + dot(ks, dST.astype(cd), (1, 1))
-    dST_prev = _decay_state(dST, gates.total) + dot(do, qs, (0, 0))
+    dv = dot(A, do, (0, 0), p) + dot(ks, dST, (1, 1), p)
+    dST_prev = _decay_state(dST, gates.total) + dot(do, qs, (0, 0), p)
     return dq + dqs, dk + dks, dv, dST_prev
 
 
-def chunk_state(k, v, gates: ChunkGates, ST):
+def chunk_state(k, v, gates: ChunkGates, ST, products: str):
     """The state after one chunk, ``Sᵀ [BV, K]`` float32, without the chunk's outputs."""
-    return _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0))
+    return _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0), products)
 
 
-def chunk_state_grad(q, do, gates: ChunkGates, dST):
+def chunk_state_grad(q, do, gates: ChunkGates, dST, products: str):
     """The cotangent of the state entering a chunk from the one leaving it, ``dSᵀ [BV, K]``."""
-    return _decay_state(dST, gates.total) + dot(do, _scaled(q, gates.from_start), (0, 0))
+    return _decay_state(dST, gates.total) + dot(do, _scaled(q, gates.from_start), (0, 0), products)

@@ -20,6 +20,8 @@ class KernelSpec:
       num_seqs: N, the number of initial / final states.
       key_dim: K.
       num_warps, num_stages: Triton launch parameters (GPU only).
+      schedule: the GPU schedule (see :class:`KernelTuning`).
+      products: how products are computed, one of ``kernel_math.PRODUCTS``.
     """
 
     mode: str | None
@@ -32,6 +34,7 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 1
     schedule: str = "fused"
+    products: str = "f32"
 
 
 SCHEDULES = ("fused", "two_phase")
@@ -47,12 +50,17 @@ class KernelTuning:
       schedule: ``"fused"``: one sequential pass per head computes outputs and states together;
         ``"two_phase"``: a light sequential pass stores the state entering every chunk, then all
         chunks run in parallel (more programs in flight on a GPU; more memory traffic).
+      split_bf16: with bf16 inputs, a float32 operand (a state, a decayed key, the scores) enters
+        its product as two bf16 parts (twice the bf16 products, about 16 bits kept); False rounds
+        it to one bf16 part, as flash-linear-attention does (faster; outputs off by about 3e-3
+        and gate gradients by about 1e-2 relative RMS).  Float32 inputs always multiply in float32.
     """
 
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 1
     schedule: str = "fused"
+    split_bf16: bool = True
 
     def __post_init__(self):
         if self.block_v not in (16, 32, 64, 128, 256):
@@ -61,6 +69,8 @@ class KernelTuning:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.split_bf16, bool):
+            raise ValueError(f"split_bf16 must be a bool, got {self.split_bf16!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 

@@ -124,10 +124,10 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
             g = _load_gates(spec, gate_refs, n)
             if o_ref is not None:
                 o, ST_next = km.chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST, spec.mode,
-                                              spec.sub_chunk_size)
+                                              spec.sub_chunk_size, spec.products)
                 o_ref[rows, :] = o
             else:
-                ST_next = km.chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST)
+                ST_next = km.chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST, spec.products)
             if final_ref is not None:
                 @pl.when(last_ref[r, n] == 1)
                 def _():
@@ -210,7 +210,8 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
             rows = pl.ds(n * C, C)
             g = _load_gates(spec, gate_refs, n)
             dq, dk, dv, dST_prev = km.chunk_backward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-                                                     g, states_ref[n], dST, spec.mode, spec.sub_chunk_size)
+                                                     g, states_ref[n], dST, spec.mode, spec.sub_chunk_size,
+                                                     spec.products)
             dq_ref[rows, :] = dq
             dk_ref[rows, :] = dk
             dv_ref[rows, :] = dv
@@ -263,7 +264,7 @@ def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
         states_ref, o_ref = refs[3 + n_gates:]
         g = _parallel_gates(spec, gate_refs)
         o, _ = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, states_ref[...], spec.mode,
-                                spec.sub_chunk_size)
+                                spec.sub_chunk_size, spec.products)
         o_ref[...] = o
 
     return pl.pallas_call(kernel, grid=(BH, NV, NC), in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), st],
@@ -314,7 +315,8 @@ def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, h
                 dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
             dstates_ref[n] = dST
             rows = pl.ds(n * C, C)
-            dST_prev = km.chunk_state_grad(q_ref[rows, :], do_ref[rows, :], _load_gates(spec, gate_refs, n), dST)
+            dST_prev = km.chunk_state_grad(q_ref[rows, :], do_ref[rows, :], _load_gates(spec, gate_refs, n), dST,
+                                             spec.products)
             if dh0_ref is not None:
                 @pl.when(first_ref[r, n] == 1)
                 def _():
@@ -348,7 +350,7 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
         do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref = refs[3 + n_gates:]
         g = _parallel_gates(spec, gate_refs)
         dq, dk, dv, _ = km.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
-                                          dstates_ref[...], spec.mode, spec.sub_chunk_size)
+                                          dstates_ref[...], spec.mode, spec.sub_chunk_size, spec.products)
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv

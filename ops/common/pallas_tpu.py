@@ -96,10 +96,11 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
             states_ref[...] = ST
         g = km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
         if o_ref is not None:
-            o, ST_next = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, ST, spec.mode, spec.sub_chunk_size)
+            o, ST_next = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, ST, spec.mode, spec.sub_chunk_size,
+                                          spec.products)
             o_ref[...] = o
         else:
-            ST_next = km.chunk_state(k_ref[...], v_ref[...], g, ST)
+            ST_next = km.chunk_state(k_ref[...], v_ref[...], g, ST, spec.products)
         S_ref[...] = ST_next
         if final_ref is not None:
             @pl.when(last_ref[r, n] == 1)
@@ -169,7 +170,7 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
 
         g = km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
         dq, dk, dv, dS_prev = km.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
-                                                dS_ref[...], spec.mode, spec.sub_chunk_size)
+                                                dS_ref[...], spec.mode, spec.sub_chunk_size, spec.products)
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv
