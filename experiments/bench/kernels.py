@@ -82,8 +82,10 @@ TUNING_GRID = (
     KernelTuning(block_v=64, num_warps=4, num_stages=2, schedule="two_phase"),
     KernelTuning(block_v=32, num_warps=8, num_stages=2, schedule="two_phase"),
     KernelTuning(block_v=128, num_warps=8, num_stages=2, schedule="fused"),
+    KernelTuning(block_v=64, num_warps=4, num_stages=1, schedule="two_phase", split_bf16=False),
 )
-"""Launch choices tried by ``--tuning-sweep``: the default, each knob moved alone, two mixed."""
+"""Launch choices tried by ``--tuning-sweep``: the default, each knob moved alone, two mixed, and
+single-part bf16 products (``split_bf16=False``, flash-linear-attention's precision)."""
 
 LOLAX_OPS = {"gla": chunk_gla, "simple_gla": chunk_simple_gla, "linear_attn": chunk_linear_attn}
 FLA_OPS = {"gla": ("fla.ops.gla", "chunk_gla"), "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
@@ -435,7 +437,7 @@ def run_tuning_sweep(families: tuple[str, ...], shape: tuple[int, int, int, int]
 
 
 def tuning_label(t: KernelTuning) -> str:
-    return f"bv{t.block_v}/w{t.num_warps}/s{t.num_stages}/{t.schedule}"
+    return f"bv{t.block_v}/w{t.num_warps}/s{t.num_stages}/{t.schedule}" + ("" if t.split_bf16 else "/bf16x1")
 
 
 def environment(backend: str, fla_info: dict) -> dict:
