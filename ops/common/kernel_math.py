@@ -28,8 +28,6 @@ from .decay import RESET_LOG_DECAY, RESET_PENALTY
 Array = jax.Array
 F32 = jnp.float32
 
-GATE_MODES = (None, "head", "key")
-
 
 PRODUCTS = ("f32", "bf16_split", "bf16")
 """How the kernels multiply: ``"f32"`` (float32 inputs: float32 operands at ``HIGHEST``);
