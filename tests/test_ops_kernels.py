@@ -265,3 +265,11 @@ def test_lasp2_runs_the_kernels_on_every_shard():
                                             implementation="pallas"))(q, k, v, g)
     for name, a, b in zip(("loss", "dq", "dk", "dv", "dg"), jax.tree.leaves(ref), jax.tree.leaves(out)):
         assert_close(name, a, b, 1e-5 if name != "dg" else 3e-5)
+
+
+@pytest.mark.parametrize("backend,K,V", [
+    ("gpu", 128, 256), *(pytest.param(b, K, V, marks=pytest.mark.slow) for b, K, V in [
+        ("gpu", 64, 128), ("gpu", 256, 64), ("tpu", 64, 128), ("tpu", 256, 64), ("tpu", 128, 256)])])
+def test_production_head_sizes_match_naive(backend, K, V):
+    """Head sizes of real models (value blocks of 64 on GPU and 128 on TPU split V)."""
+    check_kernels("gla", backend, B=1, T=70, K=K, V=V, strength=1.0)
