@@ -1,5 +1,5 @@
 """What the op families share: argument checks, the chunk layout, state scans, log-decay helpers,
-argument preparation, the precision policy, and the chunk and recurrent cores.
+argument preparation, the precision policy, the chunk and recurrent cores, and the Pallas kernels.
 
 | module | holds |
 |---|---|
@@ -13,4 +13,9 @@ argument preparation, the precision policy, and the chunk and recurrent cores.
 | :mod:`.delta` | the WY / UT chunk form of the delta rules |
 | :mod:`.solve_tril` | ``(I + A)^{-1}`` for strictly lower-triangular A |
 | :mod:`.recurrent` | the token-by-token form of every family |
+| :mod:`.diagonal_kernels` | the Pallas path of the diagonal chunk form: layout, custom VJP, gate gradient, dispatch |
+| :mod:`.kernel_math` | the per-chunk mathematics of the kernels, shared by both backends |
+| :mod:`.kernel_spec` | ``KernelSpec`` (the static description of a call) and ``KernelTuning`` (launch choices) |
+| :mod:`.pallas_tpu` | the Mosaic (TPU) kernels |
+| :mod:`.pallas_gpu` | the Triton (GPU) kernels |
 """
