@@ -289,6 +289,7 @@ def test_mom_aux_loss_is_returned_and_trains_the_router():
     ({"pattern": "CL", "num_layers": 2, "conv_size": 0}, "model.conv_size"),
     ({"mom_topk": 9}, "model.mom_topk"),
     ({"lightning_decay": "linear"}, "model.lightning_decay"),
+    ({"implementation": "triton"}, "model.implementation"),
     ({"head_dim": 7, "pattern": "S", "num_layers": 1}, "model.head_dim"),
 ])
 def test_bad_config_values_raise_errors_naming_the_field(values, field):

@@ -173,6 +173,23 @@ def test_dispatch_choices_and_errors():
             pass
     with pytest.raises(ValueError, match="sub_chunk_size = 4"):
         chunk_gla(*(x[..., :8].repeat(2, -1) for x in (q, k, v, g)), sub_chunk_size=4, implementation="pallas")
+    q16, k16, v16 = (x[..., :8].repeat(2, -1) for x in (q, k, v))
+    with pytest.raises(ValueError, match="chunk_size = 256"):
+        chunk_linear_attn(q16, k16, v16, chunk_size=256, implementation="pallas")
+    with pytest.raises(ValueError, match="inputs of dtype float16"):
+        chunk_simple_gla(*(x.astype(jnp.float16) for x in (q16, k16, v16)), implementation="pallas")
+    with pytest.raises(ValueError, match="block_v must be one of"):
+        with kernel_tuning("gpu", block_v=48):
+            pass
+    with pytest.raises(ValueError, match="split_bf16 must be a bool"):
+        with kernel_tuning("tpu", split_bf16=1):
+            pass
+    with pytest.raises(ValueError, match="platform must be one of"):
+        with kernel_tuning("cuda", block_v=32):
+            pass
+    with pytest.raises(ValueError, match="backend must be 'tpu' or 'gpu'"):
+        with interpret_kernels("cuda"):
+            pass
 
 
 def test_cpu_default_runs_xla():
