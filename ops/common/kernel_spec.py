@@ -90,3 +90,9 @@ def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtype
     if vma:
         return jax.ShapeDtypeStruct(shape, dtype, vma=vma)
     return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def optional_outputs(outs, *present: bool) -> tuple:
+    """A kernel's outputs in order, None where ``present`` says the output was not requested."""
+    outs = iter(outs)
+    return tuple(next(outs) if p else None for p in present)

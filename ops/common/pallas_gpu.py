@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from . import kernel_math as km
-from .kernel_spec import KernelSpec, out_struct
+from .kernel_spec import KernelSpec, optional_outputs, out_struct
 
 
 def _whole(shape):
@@ -54,8 +54,10 @@ def _load_gates(spec: KernelSpec, gate_refs, n):
     return km.chunk_gates(spec.mode, [ref[pl.ds(n * C, C), :] for ref in gate_refs])
 
 
-def _params(spec: KernelSpec):
-    return pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages)
+def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args, interpret, name: str):
+    return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                          compiler_params=pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages),
+                          interpret=interpret, name=f"lolax_diag_{spec.mode or 'none'}_{name}")(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "store_states", "emit_output", "want_final", "interpret"))
@@ -136,12 +138,8 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=_params(spec), interpret=interpret,
-                          name=f"lolax_diag_{spec.mode or 'none'}_fwd")(*args)
-    outs = list(outs)
-    return (outs.pop(0) if emit_output else None, outs.pop(0) if want_final else None,
-            outs.pop(0) if store_states else None)
+    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "fwd")
+    return optional_outputs(outs, emit_output, want_final, store_states)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "has_h0", "interpret"))
@@ -223,10 +221,8 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=_params(spec), interpret=interpret,
-                          name=f"lolax_diag_{spec.mode or 'none'}_bwd")(*args)
-    return tuple(outs) if has_h0 else tuple(outs) + (None,)
+    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd")
+    return optional_outputs(outs, True, True, True, has_h0)
 
 
 def _parallel_gate_specs(spec: KernelSpec):
@@ -267,10 +263,8 @@ def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
                                 spec.sub_chunk_size, spec.products)
         o_ref[...] = o
 
-    return pl.pallas_call(kernel, grid=(BH, NV, NC), in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), st],
-                          out_specs=vb, out_shape=out_struct((BH, Tp, V), jnp.float32, q),
-                          compiler_params=_params(spec), interpret=interpret,
-                          name=f"lolax_diag_{spec.mode or 'none'}_fwd_out")(q, k, v, *gates, statesT)
+    return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), st], vb,
+                   out_struct((BH, Tp, V), jnp.float32, q), (q, k, v, *gates, statesT), interpret, "fwd_out")
 
 
 def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool, interpret):
@@ -325,10 +319,8 @@ def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, h
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = pl.pallas_call(kernel, grid=(BH, NV), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                          compiler_params=_params(spec), interpret=interpret,
-                          name=f"lolax_diag_{spec.mode or 'none'}_bwd_states")(*args)
-    return (outs[0], outs[1]) if has_h0 else (outs[0], None)
+    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd_states")
+    return optional_outputs(outs, True, has_h0)
 
 
 def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, interpret):
@@ -358,8 +350,5 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
     out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((BH, Tp, V), jnp.float32, q)]
-    return pl.pallas_call(kernel, grid=(BH, NV, NC),
-                          in_specs=[qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
-                          out_specs=[part, part, vb], out_shape=out_shape, compiler_params=_params(spec),
-                          interpret=interpret, name=f"lolax_diag_{spec.mode or 'none'}_bwd_chunks")(
-        q, k, v, *gates, do, statesT, dstatesT)
+    return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
+                   [part, part, vb], out_shape, (q, k, v, *gates, do, statesT, dstatesT), interpret, "bwd_chunks")

@@ -18,7 +18,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from . import kernel_math as km
-from .kernel_spec import KernelSpec, out_struct
+from .kernel_spec import KernelSpec, optional_outputs, out_struct
 
 
 def _gate_specs(spec: KernelSpec, chunk_of):
@@ -32,8 +32,18 @@ def _gate_specs(spec: KernelSpec, chunk_of):
     return [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, chunk_of(n), 0))]
 
 
-def _params(spec: KernelSpec):
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+_SEMANTICS = ("parallel", "parallel", "arbitrary")     # rows·heads, value blocks, chunks (in order)
+
+
+def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, tables, args, interpret, name: str):
+    """One ``pallas_call`` over ``grid`` with the three chunk tables scalar-prefetched and the
+    state ``[BV, K]`` in VMEM scratch."""
+    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                                             scratch_shapes=[pltpu.VMEM((spec.block_v, spec.key_dim), jnp.float32)])
+    params = pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
+    return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
+                          interpret=_interpret(interpret), name=f"lolax_diag_{spec.mode or 'none'}_{name}")(
+        *tables, *args)
 
 
 def _interpret(interpret):
@@ -107,14 +117,9 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
             def _():
                 final_ref[...] = ST_next
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=(BH, NV, NC), in_specs=in_specs,
-                                             out_specs=out_specs, scratch_shapes=[pltpu.VMEM((BV, K), jnp.float32)])
-    outs = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=_params(spec),
-                          interpret=_interpret(interpret), name=f"lolax_diag_{spec.mode or 'none'}_fwd")(
-        first, last, seq, *args)
-    outs = list(outs)
-    return (outs.pop(0) if emit_output else None, outs.pop(0) if want_final else None,
-            outs.pop(0) if store_states else None)
+    outs = _launch(kernel, spec, (BH, NV, NC), in_specs, out_specs, out_shape, (first, last, seq), args, interpret,
+                   "fwd")
+    return optional_outputs(outs, emit_output, want_final, store_states)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "has_h0", "interpret"))
@@ -180,9 +185,6 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
             def _():
                 dh0_ref[...] = dS_prev
 
-    grid_spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=3, grid=(BH, NV, NC), in_specs=in_specs,
-                                             out_specs=out_specs, scratch_shapes=[pltpu.VMEM((BV, K), jnp.float32)])
-    outs = pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=_params(spec),
-                          interpret=_interpret(interpret), name=f"lolax_diag_{spec.mode or 'none'}_bwd")(
-        first, last, seq, *args)
-    return tuple(outs) if has_h0 else tuple(outs) + (None,)
+    outs = _launch(kernel, spec, (BH, NV, NC), in_specs, out_specs, out_shape, (first, last, seq), args, interpret,
+                   "bwd")
+    return optional_outputs(outs, True, True, True, has_h0)
