@@ -61,8 +61,7 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from lolax.ops import chunk_gla, chunk_linear_attn, chunk_simple_gla, interpret_kernels
-from lolax.ops.common.diagonal_kernels import kernel_tuning
+from lolax.ops import chunk_gla, chunk_linear_attn, chunk_simple_gla, interpret_kernels, kernel_tuning
 from lolax.ops.common.kernel_spec import DEFAULT_TUNING, KernelTuning
 
 IMPLS = ("pallas", "xla", "fla", "cudnn")
