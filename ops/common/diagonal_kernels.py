@@ -136,7 +136,7 @@ def kernel_chunk_size(T: int, chunk_size: int, sub_chunk_size: int) -> int:
     return min(C, chunk_size)
 
 
-def _to_rows(a: Array, plan) -> Array:
+def to_rows(a: Array, plan) -> Array:
     """``[R, T, H, ...]`` -> ``[R·H, NC·C, ...]``: each sequence chunk-aligned in its row."""
     xc = to_chunk_major(a, plan)                                   # [NC, R, H, C, ...]
     NC, R, H, C = xc.shape[:4]
@@ -144,13 +144,13 @@ def _to_rows(a: Array, plan) -> Array:
     return xc.reshape((R * H, NC * C) + xc.shape[4:])
 
 
-def _from_rows(a: Array, plan, H: int) -> Array:
+def from_rows(a: Array, plan, H: int) -> Array:
     R, NC, C = plan.index.shape
     xc = a.reshape((R, H, NC, C) + a.shape[2:])
     return from_chunk_major(jnp.moveaxis(xc, 2, 0), plan)
 
 
-def _head_gate_tables(g_rows: Array, C: int):
+def head_gate_tables(g_rows: Array, C: int):
     """Per-head gate ``[R·H, Tp]`` -> its in-chunk sums ``(G, R)`` as columns ``[R·H, Tp, 1]`` and
     rows ``[R·H, NC, 1, C]``."""
     BH, Tp = g_rows.shape
@@ -177,6 +177,49 @@ def _segment_suffix(tot: Array, last: Array) -> Array:
     return jnp.where(flags, 0.0, later)
 
 
+def unvisited_to_zero(dh0T: Array | None, first: Array, seq: Array, num_seqs: int) -> Array | None:
+    """The initial states' gradient with the slots of sequences that own no chunk (empty ones,
+    whose slot no kernel program wrote) set to zero."""
+    if dh0T is None:
+        return None
+    starts = jnp.where(first == 1, seq, num_seqs).reshape(-1)
+    visited = jnp.zeros((num_seqs,), bool).at[starts].set(True, mode="drop")
+    return jnp.where(visited[:, None, None, None], dh0T, 0.0)
+
+
+def empty_keep_initial(x: Inputs, final: Array) -> Array:
+    """Final states with those of empty packed sequences reset to their initial state."""
+    if x.cu_seqlens is None:
+        return final
+    empty = (x.cu_seqlens[1:] == x.cu_seqlens[:-1])[:, None, None, None]
+    start = jnp.zeros_like(final) if x.initial_state is None else x.initial_state
+    return jnp.where(empty, start, final)
+
+
+def kernel_spec(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform: str, tuning: KernelTuning | None,
+                block_v: int | None, family: str = "diagonal"):
+    """``(spec, plan, compute dtype)`` of a kernel call on ``x``."""
+    B, T, H, K = x.k.shape
+    V = x.v.shape[-1]
+    C = kernel_chunk_size(T, chunk_size, sub_chunk_size)
+    tuning = tuning or DEFAULT_TUNING[platform]
+    compute = jnp.bfloat16 if jnp.dtype(x.out_dtype) == jnp.bfloat16 else jnp.float32
+    spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=min(sub_chunk_size, C),
+                      block_v=min(V, block_v or tuning.block_v), num_heads=H, num_seqs=x.num_seqs, key_dim=K,
+                      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
+                      schedule=tuning.schedule if platform == "gpu" else "fused",
+                      products="f32" if compute == jnp.float32 else "bf16_split" if tuning.split_bf16 else "bf16",
+                      family=family)
+    return spec, make_chunk_plan(B, T, C, x.cu_seqlens), compute
+
+
+def plan_tables(plan, N: int, like: Array):
+    """The chunk plan's ``first, last, seq`` tables as int32 kernel operands (inside shard_map
+    every kernel operand must vary over the mesh axes the tokens vary over)."""
+    as_int = lambda a: vary_like(a.astype(jnp.int32), like)
+    return as_int(plan.first), as_int(plan.last), as_int(jnp.minimum(plan.seq, N - 1))
+
+
 def _gate_grad(mode, q, k, dq, dk, g_rows, finalT, dfinalT, last_rows, seq_rows, H: int, C: int):
     """``dL/dg`` in the kernel layout (see the module docstring)."""
     BH, Tp, K = q.shape
@@ -194,7 +237,7 @@ def _gate_grad(mode, q, k, dq, dk, g_rows, finalT, dfinalT, last_rows, seq_rows,
     return jnp.where(g_rows < decay.RESET_LOG_DECAY, 0.0, dG)
 
 
-def _backend(platform: str):
+def backend_module(platform: str):
     if platform == "tpu":
         from . import pallas_tpu
         return pallas_tpu
@@ -212,12 +255,12 @@ def _gates(spec: KernelSpec, g):
     if spec.mode is None:
         return []
     if spec.mode == "head":
-        return _head_gate_tables(g, spec.chunk_size)
+        return head_gate_tables(g, spec.chunk_size)
     return [g]
 
 
 def _forward(q, k, v, g, h0T, first, last, seq, spec, platform, interpret, **kw):
-    return _backend(platform).forward(q, k, v, _gates(spec, g), h0T, first, last, seq, spec=spec,
+    return backend_module(platform).forward(q, k, v, _gates(spec, g), h0T, first, last, seq, spec=spec,
                                       interpret=interpret, **kw)
 
 
@@ -229,17 +272,14 @@ def _kernel_op_fwd(q, k, v, g, h0T, first, last, seq, spec, platform, interpret)
 def _kernel_op_bwd(spec, platform, interpret, res, cts):
     q, k, v, g, h0T, first, last, seq, finalT = res
     do, dfinalT = cts
-    backend = _backend(platform)
+    backend = backend_module(platform)
     gates = _gates(spec, g)
     _, _, statesT = backend.forward(q, k, v, gates, h0T, first, last, seq, spec=spec, store_states=True,
                                     emit_output=False, want_final=False, interpret=interpret)
-    dq, dk, dv, dh0T = backend.backward(q, k, v, gates, do.astype(v.dtype), statesT, dfinalT, first, last, seq,
-                                        spec=spec, has_h0=h0T is not None, interpret=interpret)
+    dq, dk, dv, dh0T, _ = backend.backward(q, k, v, gates, do.astype(v.dtype), statesT, dfinalT, first, last, seq,
+                                           spec=spec, has_h0=h0T is not None, interpret=interpret)
     dq, dk = jnp.sum(dq, axis=0), jnp.sum(dk, axis=0)
-    if dh0T is not None:                       # a sequence with no chunk (empty) never wrote its slot
-        starts = jnp.where(first == 1, seq, spec.num_seqs).reshape(-1)
-        visited = jnp.zeros((spec.num_seqs,), bool).at[starts].set(True, mode="drop")
-        dh0T = jnp.where(visited[:, None, None, None], dh0T, 0.0)
+    dh0T = unvisited_to_zero(dh0T, first, seq, spec.num_seqs)
     dg = None
     if spec.mode is not None:
         H, C = spec.num_heads, spec.chunk_size
@@ -258,41 +298,23 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     Returns ``(o [B, T, H, V] float32, final [N, H, K, V] float32)`` like
     :func:`.diagonal.chunk_diagonal`.
     """
-    B, T, H, K = x.k.shape
-    V = x.v.shape[-1]
-    C = kernel_chunk_size(T, chunk_size, sub_chunk_size)
-    sub = min(sub_chunk_size, C)
-    tuning = tuning or DEFAULT_TUNING[platform]
-    BV = min(V, block_v or tuning.block_v)
-    N = x.num_seqs
-    plan = make_chunk_plan(B, T, C, x.cu_seqlens)
-    compute = jnp.bfloat16 if jnp.dtype(x.out_dtype) == jnp.bfloat16 else jnp.float32
-    q, k, v = (_to_rows(a.astype(compute), plan) for a in (x.q, x.k, x.v))
+    H = x.k.shape[2]
+    spec, plan, compute = kernel_spec(x, mode, chunk_size, sub_chunk_size, platform, tuning, block_v)
+    q, k, v = (to_rows(a.astype(compute), plan) for a in (x.q, x.k, x.v))
     gate = x.g if mode == "head" else x.gk if mode == "key" else None
-    g = None if gate is None else _to_rows(gate, plan)
-    h0T = None if x.initial_state is None else jnp.swapaxes(x.initial_state, -1, -2)
-    # inside shard_map every kernel operand must vary over the mesh axes the tokens vary over
-    as_int = lambda a: vary_like(a.astype(jnp.int32), q)
-    first, last = as_int(plan.first), as_int(plan.last)
-    seq = as_int(jnp.minimum(plan.seq, N - 1))
-    h0T = None if h0T is None else vary_like(h0T, q)
-    spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=sub, block_v=BV, num_heads=H, num_seqs=N, key_dim=K,
-                      num_warps=tuning.num_warps, num_stages=tuning.num_stages,
-                      schedule=tuning.schedule if platform == "gpu" else "fused",
-                      products="f32" if compute == jnp.float32 else "bf16_split" if tuning.split_bf16 else "bf16")
+    g = None if gate is None else to_rows(gate, plan)
+    h0T = None if x.initial_state is None else vary_like(jnp.swapaxes(x.initial_state, -1, -2), q)
+    first, last, seq = plan_tables(plan, x.num_seqs, q)
     o, finalT = _kernel_op(q, k, v, g, h0T, first, last, seq, spec, platform, interpret)
-    final = jnp.swapaxes(finalT, -1, -2)
-    if x.cu_seqlens is not None:                                     # empty sequences keep their initial state
-        empty = (x.cu_seqlens[1:] == x.cu_seqlens[:-1])[:, None, None, None]
-        start = jnp.zeros_like(final) if x.initial_state is None else x.initial_state
-        final = jnp.where(empty, start, final)
-    return _from_rows(o, plan, H), final
+    final = empty_keep_initial(x, jnp.swapaxes(finalT, -1, -2))
+    return from_rows(o, plan, H), final
 
 
 def chunk_diagonal_dispatch(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, implementation,
                             xla: Callable[..., Any], xla_args: tuple = (), after_kernels: Callable | None = None,
-                            extra=(), with_extra: bool = False):
-    """The diagonal chunk form through XLA or through the Pallas kernels.
+                            extra=(), with_extra: bool = False, runner: Callable | None = None):
+    """The diagonal chunk form (or, with ``runner``, another kernel family) through XLA or through
+    the Pallas kernels.
 
     Args:
       x: the prepared inputs the kernels run on.
@@ -309,6 +331,8 @@ def chunk_diagonal_dispatch(x: Inputs, mode, chunk_size: int, sub_chunk_size: in
         (module-level; default: ``(o, final)``).
       extra, with_extra: with ``with_extra``, arrays (a pytree, possibly None) both paths need
         besides ``x``.
+      runner: ``runner(x, mode, chunk_size, sub_chunk_size, platform, interpret=, tuning=) ->
+        (o, final)`` runs the kernels (module-level; default :func:`run_kernels`).
 
     The platform is chosen when the program is lowered (``jax.lax.platform_dependent``), so a
     program exported for TPU or CUDA from a CPU machine carries that platform's kernels.
@@ -325,7 +349,7 @@ def chunk_diagonal_dispatch(x: Inputs, mode, chunk_size: int, sub_chunk_size: in
         return on_xla()
     return _dispatch(tuple(x[:9]), tuple(x[9:]), extra, with_extra, mode, chunk_size, sub_chunk_size,
                      implementation, xla, xla_args, after_kernels, _OFF_DEVICE.get(),
-                     tuple(sorted(_TUNING.get().items())))
+                     tuple(sorted(_TUNING.get().items())), runner or run_kernels)
 
 
 def _kernel_result(x, extra, o, final):
@@ -333,16 +357,16 @@ def _kernel_result(x, extra, o, final):
 
 
 # Compiled as a whole so that eager calls trace the platform branches once, not on every call.
-@functools.partial(jax.jit, static_argnums=(1,) + tuple(range(3, 13)))
+@functools.partial(jax.jit, static_argnums=(1,) + tuple(range(3, 14)))
 def _dispatch(arrays, statics, extra, with_extra, mode, chunk_size, sub_chunk_size, implementation, xla, xla_args,
-              after_kernels, off_device, tuning):
+              after_kernels, off_device, tuning, runner):
     x = Inputs(*arrays, *statics)
     after = after_kernels or _kernel_result
     tuning = dict(tuning)
 
     def kernels(platform: str, interpret=False):
-        return lambda: after(x, extra, *run_kernels(x, mode, chunk_size, sub_chunk_size, platform,
-                                                    interpret=interpret, tuning=tuning[platform]))
+        return lambda: after(x, extra, *runner(x, mode, chunk_size, sub_chunk_size, platform,
+                                               interpret=interpret, tuning=tuning[platform]))
 
     on_xla = (lambda: xla(x, extra, *xla_args)) if with_extra else (lambda: xla(x, *xla_args))
     if implementation is None:

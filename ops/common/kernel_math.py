@@ -219,7 +219,8 @@ def chunk_forward(q, k, v, gates: ChunkGates, ST, mode, sub: int, products: str)
 
 def chunk_backward(q, k, v, do, gates: ChunkGates, ST, dST, mode, sub: int, products: str):
     """One chunk backward.  ``ST``: the state entering the chunk; ``dST``: the cotangent of the
-    state leaving it.  Returns ``(dq, dk, dv, dSᵀ entering)``, all float32."""
+    state leaving it.  Returns ``(dq, dk, dv, dSᵀ entering, ())``, all float32 (the empty tuple:
+    no per-token gradients besides these, unlike :func:`.delta_kernel_math.chunk_backward`)."""
     C = q.shape[0]
     causal = iota((C, C), 0) >= iota((C, C), 1)
     p = products
@@ -235,7 +236,7 @@ def chunk_backward(q, k, v, do, gates: ChunkGates, ST, dST, mode, sub: int, prod
         dks = dks * jnp.exp(gates.to_end)
     dv = dot(A, do, (0, 0), p) + dot(ks, dST, (1, 1), p)
     dST_prev = _decay_state(dST, gates.total) + dot(do, qs, (0, 0), p)
-    return dq + dqs, dk + dks, dv, dST_prev
+    return dq + dqs, dk + dks, dv, dST_prev, ()
 
 
 def chunk_state(k, v, gates: ChunkGates, ST, products: str):
@@ -243,6 +244,7 @@ def chunk_state(k, v, gates: ChunkGates, ST, products: str):
     return _decay_state(ST, gates.total) + dot(v, _scaled(k, gates.to_end), (0, 0), products)
 
 
-def chunk_state_grad(q, do, gates: ChunkGates, dST, products: str):
-    """The cotangent of the state entering a chunk from the one leaving it, ``dSᵀ [BV, K]``."""
+def chunk_state_grad(q, k, v, do, gates: ChunkGates, ST, dST, products: str):
+    """The cotangent of the state entering a chunk from the one leaving it, ``dSᵀ [BV, K]``
+    (``k``, ``v`` and the entering state ``ST`` are not needed here: pass None)."""
     return _decay_state(dST, gates.total) + dot(do, _scaled(q, gates.from_start), (0, 0), products)

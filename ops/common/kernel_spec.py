@@ -22,6 +22,9 @@ class KernelSpec:
       num_warps, num_stages: Triton launch parameters (GPU only).
       schedule: the GPU schedule (see :class:`KernelTuning`).
       products: how products are computed, one of ``kernel_math.PRODUCTS``.
+      family: ``"diagonal"`` (:mod:`.kernel_math`) or ``"delta"`` (:mod:`.delta_kernel_math`: a
+        per-token step ``beta`` enters as one more column, and the backward also returns the
+        gradients of ``beta`` and of the in-chunk cumulative log decay).
     """
 
     mode: str | None
@@ -35,6 +38,22 @@ class KernelSpec:
     num_stages: int = 1
     schedule: str = "fused"
     products: str = "f32"
+    family: str = "diagonal"
+
+    @property
+    def extra_inputs(self) -> tuple[tuple[str, int], ...]:
+        """The per-chunk inputs besides q, k, v, in order, as ``(kind, width)``: ``"col"`` is a
+        per-token array ``[rows·heads, tokens, width]``, ``"row"`` a per-chunk row table
+        ``[rows·heads, chunks, 1, C]`` (the head gate's in-chunk sums laid along a row)."""
+        gates = {None: (), "head": (("col", 1), ("col", 1), ("row", 1), ("row", 1)),
+                 "key": (("col", self.key_dim),)}[self.mode]
+        return gates + ((("col", 1),) if self.family == "delta" else ())
+
+    @property
+    def num_extra_grads(self) -> int:
+        """How many per-token columns the backward returns besides dq, dk, dv (partial over value
+        blocks): ``dbeta`` and, with a gate, ``dG`` for the delta rules; none for the others."""
+        return (1 + (self.mode == "head")) if self.family == "delta" else 0
 
 
 SCHEDULES = ("fused", "two_phase")
@@ -77,6 +96,21 @@ class KernelTuning:
 
 DEFAULT_TUNING = {"tpu": KernelTuning(block_v=128), "gpu": KernelTuning(block_v=64, schedule="two_phase")}
 """The defaults: untuned on hardware (no accelerator was available when they were set)."""
+
+
+def math_of(spec: KernelSpec):
+    """The per-chunk mathematics of ``spec.family`` (a module with the same functions)."""
+    if spec.family == "delta":
+        from . import delta_kernel_math
+        return delta_kernel_math
+    from . import kernel_math
+    return kernel_math
+
+
+def kernel_name(spec: KernelSpec, name: str) -> str:
+    """The name a kernel carries into the compiled program (and profiles)."""
+    family = "diag" if spec.family == "diagonal" else spec.family
+    return f"lolax_{family}_{spec.mode or 'none'}_{name}"
 
 
 def out_struct(shape: tuple[int, ...], dtype, like: jax.Array) -> jax.ShapeDtypeStruct:

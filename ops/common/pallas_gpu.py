@@ -1,4 +1,4 @@
-"""Triton (GPU) kernels of the diagonal-decay chunk form: forward, state recomputation, backward.
+"""Triton (GPU) kernels of the chunk forms: forward, state recomputation, backward.
 
 Triton programs of one launch run concurrently, so a sequential chunk axis cannot be a grid axis
 as on TPU: one program per (row·head, value block) walks its chunks in a ``fori_loop`` with the
@@ -10,8 +10,9 @@ state ``Sᵀ [BV, K]`` in registers.  Two schedules (``KernelSpec.schedule``):
   stores the state entering each chunk (or the cotangent leaving it); then one program per
   (row·head, value block, chunk) computes the outputs or ``dq, dk, dv`` in parallel.
 
-The per-chunk mathematics is :mod:`.kernel_math`, shared with the TPU kernels; packing follows the
-same chunk-plan tables as there.
+The per-chunk mathematics is shared with the TPU kernels (:mod:`.kernel_math` for the diagonal
+decays, :mod:`.delta_kernel_math` for the delta rules); packing follows the same chunk-plan tables
+as there.
 
 These kernels use Pallas' Triton lowering, which JAX 0.11 deprecates in favour of Mosaic GPU;
 the module is self-contained so that a Mosaic GPU port replaces only this file.
@@ -26,8 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from . import kernel_math as km
-from .kernel_spec import KernelSpec, optional_outputs, out_struct
+from .kernel_spec import KernelSpec, kernel_name, math_of, optional_outputs, out_struct
 
 
 def _whole(shape):
@@ -35,29 +35,23 @@ def _whole(shape):
 
 
 def _gate_specs(spec: KernelSpec, Tp: int, NC: int):
-    C, K = spec.chunk_size, spec.key_dim
-    if spec.mode is None:
-        return []
-    if spec.mode == "head":
-        col = pl.BlockSpec((None, Tp, 1), lambda bh, iv: (bh, 0, 0))
-        row = pl.BlockSpec((None, NC, 1, C), lambda bh, iv: (bh, 0, 0, 0))
-        return [col, col, row, row]
-    return [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0))]
+    """Whole-row block specs of the extra inputs (gate tables, the delta rules' step)."""
+    C = spec.chunk_size
+    return [pl.BlockSpec((None, Tp, width), lambda bh, iv: (bh, 0, 0)) if kind == "col"
+            else pl.BlockSpec((None, NC, 1, C), lambda bh, iv: (bh, 0, 0, 0)) for kind, width in spec.extra_inputs]
 
 
 def _load_gates(spec: KernelSpec, gate_refs, n):
     C = spec.chunk_size
-    if spec.mode == "head":
-        Gc, Rc, Gr, Rr = gate_refs
-        rows = pl.ds(n * C, C)
-        return km.chunk_gates("head", [Gc[rows, :], Rc[rows, :], Gr[n], Rr[n]])
-    return km.chunk_gates(spec.mode, [ref[pl.ds(n * C, C), :] for ref in gate_refs])
+    values = [ref[pl.ds(n * C, C), :] if kind == "col" else ref[n]
+              for (kind, _), ref in zip(spec.extra_inputs, gate_refs)]
+    return math_of(spec).chunk_gates(spec.mode, values)
 
 
 def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args, interpret, name: str):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           compiler_params=pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages),
-                          interpret=interpret, name=f"lolax_diag_{spec.mode or 'none'}_{name}")(*args)
+                          interpret=interpret, name=kernel_name(spec, name))(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "store_states", "emit_output", "want_final", "interpret"))
@@ -125,11 +119,11 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
             rows = pl.ds(n * C, C)
             g = _load_gates(spec, gate_refs, n)
             if o_ref is not None:
-                o, ST_next = km.chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST, spec.mode,
+                o, ST_next = math_of(spec).chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST, spec.mode,
                                               spec.sub_chunk_size, spec.products)
                 o_ref[rows, :] = o
             else:
-                ST_next = km.chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST, spec.products)
+                ST_next = math_of(spec).chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST, spec.products)
             if final_ref is not None:
                 @pl.when(last_ref[r, n] == 1)
                 def _():
@@ -148,10 +142,10 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
     """Same contract as :func:`.pallas_tpu.backward`; ``spec.schedule`` picks the fused or the
     two-phase schedule."""
     if spec.schedule == "two_phase":
-        dstatesT, dh0T = _state_grads(q, gates, do, dfinalT, first, last, seq, spec=spec, has_h0=has_h0,
-                                      interpret=interpret)
-        dq, dk, dv = _parallel_grads(q, k, v, gates, do, statesT, dstatesT, spec=spec, interpret=interpret)
-        return dq, dk, dv, dh0T
+        dstatesT, dh0T = _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec,
+                                      has_h0=has_h0, interpret=interpret)
+        dq, dk, dv, *extras = _parallel_grads(q, k, v, gates, do, statesT, dstatesT, spec=spec, interpret=interpret)
+        return dq, dk, dv, dh0T, tuple(extras)
     return _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec, has_h0=has_h0,
                                 interpret=interpret)
 
@@ -184,6 +178,9 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
     if has_h0:
         out_specs.append(_whole((N, H, V, K)))
         out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
+    n_extra = spec.num_extra_grads
+    out_specs += [pl.BlockSpec((None, None, Tp, 1), lambda bh, iv: (iv, bh, 0, 0))] * n_extra
+    out_shape += [out_struct((NV, BH, Tp, 1), jnp.float32, q)] * n_extra
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
     def kernel(*refs):
@@ -195,6 +192,7 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
         dfinal_ref = rest.pop(0) if has_dfinal else None
         dq_ref, dk_ref, dv_ref = rest.pop(0), rest.pop(0), rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
+        extra_refs = rest
         bh, iv = pl.program_id(0), pl.program_id(1)
         r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
 
@@ -207,12 +205,14 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
                 dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
             rows = pl.ds(n * C, C)
             g = _load_gates(spec, gate_refs, n)
-            dq, dk, dv, dST_prev = km.chunk_backward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-                                                     g, states_ref[n], dST, spec.mode, spec.sub_chunk_size,
-                                                     spec.products)
+            dq, dk, dv, dST_prev, extras = math_of(spec).chunk_backward(
+                q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], g, states_ref[n], dST, spec.mode,
+                spec.sub_chunk_size, spec.products)
             dq_ref[rows, :] = dq
             dk_ref[rows, :] = dk
             dv_ref[rows, :] = dv
+            for ref, value in zip(extra_refs, extras):
+                ref[rows, :] = value
             if dh0_ref is not None:
                 @pl.when(first_ref[r, n] == 1)
                 def _():
@@ -222,25 +222,18 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
     outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd")
-    return optional_outputs(outs, True, True, True, has_h0)
+    dq, dk, dv, dh0T = optional_outputs(outs[:len(outs) - n_extra], True, True, True, has_h0)
+    return dq, dk, dv, dh0T, tuple(outs[len(outs) - n_extra:])
 
 
 def _parallel_gate_specs(spec: KernelSpec):
-    C, K = spec.chunk_size, spec.key_dim
-    if spec.mode is None:
-        return []
-    if spec.mode == "head":
-        col = pl.BlockSpec((None, C, 1), lambda bh, iv, n: (bh, n, 0))
-        row = pl.BlockSpec((None, None, 1, C), lambda bh, iv, n: (bh, n, 0, 0))
-        return [col, col, row, row]
-    return [pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))]
+    C = spec.chunk_size
+    return [pl.BlockSpec((None, C, width), lambda bh, iv, n: (bh, n, 0)) if kind == "col"
+            else pl.BlockSpec((None, None, 1, C), lambda bh, iv, n: (bh, n, 0, 0)) for kind, width in spec.extra_inputs]
 
 
 def _parallel_gates(spec: KernelSpec, gate_refs):
-    if spec.mode == "head":
-        Gc, Rc, Gr, Rr = gate_refs
-        return km.chunk_gates("head", [Gc[...], Rc[...], Gr[...], Rr[...]])
-    return km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
+    return math_of(spec).chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
 
 
 def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
@@ -259,26 +252,34 @@ def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
         gate_refs = refs[3:3 + n_gates]
         states_ref, o_ref = refs[3 + n_gates:]
         g = _parallel_gates(spec, gate_refs)
-        o, _ = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, states_ref[...], spec.mode,
-                                spec.sub_chunk_size, spec.products)
+        o, _ = math_of(spec).chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, states_ref[...], spec.mode,
+                                           spec.sub_chunk_size, spec.products)
         o_ref[...] = o
 
     return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), st], vb,
                    out_struct((BH, Tp, V), jnp.float32, q), (q, k, v, *gates, statesT), interpret, "fwd_out")
 
 
-def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool, interpret):
+def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
+                 interpret):
     """The reverse chunk-by-chunk pass over state cotangents only: ``(dSᵀ leaving every chunk
-    [BH, NC, V, K], dh0ᵀ or None)``."""
+    [BH, NC, V, K], dh0ᵀ or None)``.  ``k``, ``v`` and the entering states are read by the delta
+    rules only (their state cotangent passes through the chunk's ``W`` and ``V'``)."""
     BH, Tp, K = q.shape
     V = do.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     R = first.shape[0]
+    delta = spec.family == "delta"
     in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)), *_gate_specs(spec, Tp, NC),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                 _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
     args = [q, *gates, do, first, last, seq]
+    if delta:
+        in_specs += [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+                     pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
+                     pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
+        args += [k, v, statesT]
     if dfinalT is not None:
         in_specs.append(_whole((N, H, V, K)))
         args.append(dfinalT)
@@ -294,6 +295,7 @@ def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, h
         gate_refs = refs[1:1 + n_gates]
         rest = list(refs[1 + n_gates:])
         do_ref, first_ref, last_ref, seq_ref = rest.pop(0), rest.pop(0), rest.pop(0), rest.pop(0)
+        k_ref, v_ref, states_ref = (rest.pop(0), rest.pop(0), rest.pop(0)) if delta else (None, None, None)
         dfinal_ref = rest.pop(0) if has_dfinal else None
         dstates_ref = rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
@@ -309,8 +311,10 @@ def _state_grads(q, gates, do, dfinalT, first, last, seq, *, spec: KernelSpec, h
                 dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
             dstates_ref[n] = dST
             rows = pl.ds(n * C, C)
-            dST_prev = km.chunk_state_grad(q_ref[rows, :], do_ref[rows, :], _load_gates(spec, gate_refs, n), dST,
-                                             spec.products)
+            load = lambda ref, at: None if ref is None else ref[at]
+            dST_prev = math_of(spec).chunk_state_grad(
+                q_ref[rows, :], load(k_ref, (rows, slice(None))), load(v_ref, (rows, slice(None))), do_ref[rows, :],
+                _load_gates(spec, gate_refs, n), load(states_ref, n), dST, spec.products)
             if dh0_ref is not None:
                 @pl.when(first_ref[r, n] == 1)
                 def _():
@@ -334,21 +338,26 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
     vb = pl.BlockSpec((None, C, BV), lambda bh, iv, n: (bh, n, iv))
     st = pl.BlockSpec((None, None, BV, K), lambda bh, iv, n: (bh, n, iv, 0))
     part = pl.BlockSpec((None, None, C, K), lambda bh, iv, n: (iv, bh, n, 0))
-    n_gates = len(gates)
+    column = pl.BlockSpec((None, None, C, 1), lambda bh, iv, n: (iv, bh, n, 0))
+    n_gates, n_extra = len(gates), spec.num_extra_grads
 
     def kernel(*refs):
         q_ref, k_ref, v_ref = refs[:3]
         gate_refs = refs[3:3 + n_gates]
-        do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref = refs[3 + n_gates:]
+        do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, *extra_refs = refs[3 + n_gates:]
         g = _parallel_gates(spec, gate_refs)
-        dq, dk, dv, _ = km.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
-                                          dstates_ref[...], spec.mode, spec.sub_chunk_size, spec.products)
+        dq, dk, dv, _, extras = math_of(spec).chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g,
+                                                             states_ref[...], dstates_ref[...], spec.mode,
+                                                             spec.sub_chunk_size, spec.products)
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv
+        for ref, value in zip(extra_refs, extras):
+            ref[...] = value
 
     out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((NV, BH, Tp, K), jnp.float32, q),
-                 out_struct((BH, Tp, V), jnp.float32, q)]
+                 out_struct((BH, Tp, V), jnp.float32, q)] + [out_struct((NV, BH, Tp, 1), jnp.float32, q)] * n_extra
     return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
-                   [part, part, vb], out_shape, (q, k, v, *gates, do, statesT, dstatesT), interpret, "bwd_chunks")
+                   [part, part, vb] + [column] * n_extra, out_shape, (q, k, v, *gates, do, statesT, dstatesT),
+                   interpret, "bwd_chunks")

@@ -1,8 +1,9 @@
-"""Mosaic (TPU) kernels of the diagonal-decay chunk form: forward, state recomputation, backward.
+"""Mosaic (TPU) kernels of the chunk forms: forward, state recomputation, backward.
 
 The grid is ``(rows·heads, value blocks, chunks)``; the chunk axis is sequential
 (``"arbitrary"``) and the state ``Sᵀ [BV, K]`` lives in a VMEM scratch buffer across it.  The
-per-chunk mathematics is :mod:`.kernel_math`, shared with the GPU kernels.  Packing is in the
+per-chunk mathematics, shared with the GPU kernels, is :mod:`.kernel_math` for the diagonal decays
+and :mod:`.delta_kernel_math` for the delta rules (``KernelSpec.family``).  Packing is in the
 chunk plan (:mod:`.layout`): no chunk straddles two sequences, and three scalar-prefetched tables
 ``[R, NC]`` (first chunk, last chunk, sequence id) say where a sequence's initial state enters and
 its final state leaves, which the block index maps of ``h0`` / ``final`` follow.
@@ -17,19 +18,19 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from . import kernel_math as km
-from .kernel_spec import KernelSpec, optional_outputs, out_struct
+from .kernel_spec import KernelSpec, kernel_name, math_of, optional_outputs, out_struct
 
 
 def _gate_specs(spec: KernelSpec, chunk_of):
-    C, K = spec.chunk_size, spec.key_dim
-    if spec.mode is None:
-        return []
-    if spec.mode == "head":
-        col = pl.BlockSpec((None, C, 1), lambda bh, iv, n, *t: (bh, chunk_of(n), 0))
-        row = pl.BlockSpec((None, None, 1, C), lambda bh, iv, n, *t: (bh, chunk_of(n), 0, 0))
-        return [col, col, row, row]
-    return [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, chunk_of(n), 0))]
+    """Block specs of the extra per-chunk inputs (gate tables, the delta rules' step)."""
+    C = spec.chunk_size
+    specs = []
+    for kind, width in spec.extra_inputs:
+        if kind == "col":
+            specs.append(pl.BlockSpec((None, C, width), lambda bh, iv, n, *t: (bh, chunk_of(n), 0)))
+        else:
+            specs.append(pl.BlockSpec((None, None, 1, C), lambda bh, iv, n, *t: (bh, chunk_of(n), 0, 0)))
+    return specs
 
 
 _SEMANTICS = ("parallel", "parallel", "arbitrary")     # rows·heads, value blocks, chunks (in order)
@@ -42,7 +43,7 @@ def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, tabl
                                              scratch_shapes=[pltpu.VMEM((spec.block_v, spec.key_dim), jnp.float32)])
     params = pltpu.CompilerParams(dimension_semantics=_SEMANTICS)
     return pl.pallas_call(kernel, grid_spec=grid_spec, out_shape=out_shape, compiler_params=params,
-                          interpret=_interpret(interpret), name=f"lolax_diag_{spec.mode or 'none'}_{name}")(
+                          interpret=_interpret(interpret), name=kernel_name(spec, name))(
         *tables, *args)
 
 
@@ -104,13 +105,14 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
         ST = S_ref[...]
         if states_ref is not None:
             states_ref[...] = ST
-        g = km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
+        math = math_of(spec)
+        g = math.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
         if o_ref is not None:
-            o, ST_next = km.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, ST, spec.mode, spec.sub_chunk_size,
+            o, ST_next = math.chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, ST, spec.mode, spec.sub_chunk_size,
                                           spec.products)
             o_ref[...] = o
         else:
-            ST_next = km.chunk_state(k_ref[...], v_ref[...], g, ST, spec.products)
+            ST_next = math.chunk_state(k_ref[...], v_ref[...], g, ST, spec.products)
         S_ref[...] = ST_next
         if final_ref is not None:
             @pl.when(last_ref[r, n] == 1)
@@ -125,8 +127,9 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
 @functools.partial(jax.jit, static_argnames=("spec", "has_h0", "interpret"))
 def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
              interpret=False):
-    """``(dq [NV, BH, Tp, K], dk [NV, BH, Tp, K], dv [BH, Tp, V], dh0ᵀ [N, H, V, K] or None)`` float32;
-    dq and dk are partial sums over value blocks."""
+    """``(dq [NV, BH, Tp, K], dk [NV, BH, Tp, K], dv [BH, Tp, V], dh0ᵀ [N, H, V, K] or None, extras)``
+    float32; dq, dk and the ``spec.num_extra_grads`` extras ``[NV, BH, Tp, 1]`` are partial sums
+    over value blocks."""
     BH, Tp, K = q.shape
     V = v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
@@ -152,6 +155,9 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
     if has_h0:
         out_specs.append(pl.BlockSpec((None, None, BV, K), by_seq))
         out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
+    n_extra = spec.num_extra_grads
+    out_specs += [pl.BlockSpec((None, None, C, 1), lambda bh, iv, n, *t: (iv, bh, rev(n), 0))] * n_extra
+    out_shape += [out_struct((NV, BH, Tp, 1), jnp.float32, q)] * n_extra
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
     def kernel(first_ref, last_ref, seq_ref, *refs):
@@ -162,7 +168,7 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
         dfinal_ref = rest.pop(0) if has_dfinal else None
         dq_ref, dk_ref, dv_ref = rest.pop(0), rest.pop(0), rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
-        (dS_ref,) = rest
+        extra_refs, (dS_ref,) = rest[:n_extra], rest[n_extra:]
         bh, i = pl.program_id(0), pl.program_id(2)
         r, n = jax.lax.div(bh, H), NC - 1 - i
 
@@ -173,12 +179,15 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
             else:
                 dS_ref[...] = jnp.where(last_ref[r, n] == 1, dfinal_ref[...], 0.0)
 
-        g = km.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
-        dq, dk, dv, dS_prev = km.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
+        math = math_of(spec)
+        g = math.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
+        dq, dk, dv, dS_prev, extras = math.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
                                                 dS_ref[...], spec.mode, spec.sub_chunk_size, spec.products)
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv
+        for ref, value in zip(extra_refs, extras):
+            ref[...] = value
         dS_ref[...] = dS_prev
         if dh0_ref is not None:
             @pl.when(first_ref[r, n] == 1)
@@ -187,4 +196,5 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
 
     outs = _launch(kernel, spec, (BH, NV, NC), in_specs, out_specs, out_shape, (first, last, seq), args, interpret,
                    "bwd")
-    return optional_outputs(outs, True, True, True, has_h0)
+    dq, dk, dv, dh0T = optional_outputs(outs[:len(outs) - n_extra], True, True, True, has_h0)
+    return dq, dk, dv, dh0T, tuple(outs[len(outs) - n_extra:])

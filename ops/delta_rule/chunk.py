@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from ..common import checks
 from ..common.delta import chunk_delta, transitions
+from ..common.delta_kernels import run_delta_kernels
+from ..common.diagonal_kernels import chunk_diagonal_dispatch
 from ..common.prepare import finish, prepare
 
 
 def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final_state=False,
                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, *, chunk_size=64,
-                     use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False):
+                     use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, state_v_first=False,
+                     implementation=None):
     """Chunkwise DeltaNet: ``S_t = (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``, ``o_t = S_tᵀ (s q_t)``.
 
     Args:
@@ -25,6 +28,9 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
       allow_neg_eigval: steps up to 2, so the eigenvalue ``1 - β`` along k reaches -1: beta may
         lie in [0, 2], or with logits the step is ``2 sigmoid(beta)``.
       state_v_first: states in ``[N, H, V, K]`` order.
+      implementation: ``"xla"`` (the XLA chunk form), ``"pallas"`` (the Pallas kernels; on a
+        machine without TPU or GPU they run interpreted) or None (the kernels on TPU and CUDA GPUs
+        when they support the inputs, XLA otherwise); see ``docs/kernels.md``.
 
     Returns:
       ``(o [B, T, H, V] in v's dtype, final_state float32 or None)``.
@@ -41,7 +47,8 @@ def chunk_delta_rule(q, k, v, beta, scale=None, initial_state=None, output_final
     x = prepare(q, k, v, beta=beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
                 cu_seqlens=cu_seqlens, qk_l2norm=use_qk_l2norm_in_kernel, beta_logits=use_beta_sigmoid_in_kernel,
                 allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first)
-    o, final = chunk_delta(x, size)
+    o, final = chunk_diagonal_dispatch(x, None, size, 16, implementation, chunk_delta, (size,),
+                                       runner=run_delta_kernels)
     return finish(x, o, final)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..common import checks
 from ..common.delta import chunk_delta, transitions
+from ..common.delta_kernels import run_delta_kernels
+from ..common.diagonal_kernels import chunk_diagonal_dispatch
 from ..common.prepare import finish, prepare
 
 
@@ -22,7 +24,7 @@ def gate_arguments(use_gate_in_kernel, A_log, dt_bias) -> dict:
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
                            use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False,
                            state_v_first=False, cu_seqlens=None, *, chunk_size=64, use_gate_in_kernel=False,
-                           A_log=None, dt_bias=None):
+                           A_log=None, dt_bias=None, implementation=None):
     """Chunkwise Gated DeltaNet, ``S_t = exp(g_t) (I - β_t k_t k_tᵀ) S_{t-1} + β_t k_t v_tᵀ``,
     ``o_t = S_tᵀ (s q_t)``; the training default (memory linear in T).
 
@@ -43,6 +45,9 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
       chunk_size: tokens per chunk (static); T need not be a multiple.
       use_gate_in_kernel, A_log, dt_bias: compute the log decay from ``A_log [HV]`` and the
         optional ``dt_bias [HV]`` (both differentiable).
+      implementation: ``"xla"`` (the XLA chunk form), ``"pallas"`` (the Pallas kernels; on a
+        machine without TPU or GPU they run interpreted) or None (the kernels on TPU and CUDA GPUs
+        when they support the inputs, XLA otherwise); see ``docs/kernels.md``.
 
     Returns:
       ``(o [B, T, HV, V] in v's dtype, final_state float32 or None)``.
@@ -64,7 +69,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
                 qk_l2norm=use_qk_l2norm_in_kernel, beta_logits=use_beta_sigmoid_in_kernel,
                 allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first,
                 **gate_arguments(use_gate_in_kernel, A_log, dt_bias))
-    o, final = chunk_delta(x, size)
+    o, final = chunk_diagonal_dispatch(x, "head", size, 16, implementation, chunk_delta, (size,),
+                                       runner=run_delta_kernels)
     return finish(x, o, final)
 
 
