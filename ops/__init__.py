@@ -35,7 +35,7 @@ from .simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
 FAMILIES = ("linear_attn", "simple_gla", "gla", "delta_rule", "gated_delta_rule")
 """The linear-attention families, each a sub-package with the three forms."""
 
-PALLAS_FAMILIES = ("linear_attn", "simple_gla", "gla")
+PALLAS_FAMILIES = FAMILIES
 """Families whose ``chunk_*`` ops take ``implementation=`` (Pallas kernels on TPU and GPU)."""
 
 FORMS = ("chunk", "fused_recurrent", "naive")

@@ -7,9 +7,11 @@ devices; rank r holds tokens ``[r·T/W, (r+1)·T/W)``.  Every rank
    its local output and its local final state ``S_ext``.  For the delta-rule families the same
    pass also yields the rank's K×K transition ``M`` (product of ``exp(g_t)(I − β_t k_t k_tᵀ)``
    over its tokens): the op runs on ``[v, 0]`` from the initial state ``[0, I]``, and since every
-   value column evolves independently the extra K columns of the final state are exactly ``M``;
-   for the diagonal families the transition is the cumulative decay ``exp(Σ g)`` (a scalar per
-   head, or a K-vector for GLA), summed directly (:mod:`lolax.ops.common.decay`);
+   value column evolves independently the extra K columns of the final state are exactly ``M``
+   (where the Pallas kernels may run and V + K is not one of their sizes, a second call on zero
+   values from ``I`` gives ``M`` instead).  For the diagonal families the transition is the
+   cumulative decay ``exp(Σ g)`` (a scalar per head, or a K-vector for GLA), summed directly
+   (:mod:`lolax.ops.common.decay`);
 2. packs ``(transition, S_ext)`` into one flat float32 vector and **all-gathers it once**
    (W·H·K·(V + K) values per sequence for delta rules, W·H·(K·V + 1 or K) for decays: independent
    of T);
@@ -50,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from ..ops import get_op
 from ..ops.common import checks, decay
+from ..ops.common.diagonal_kernels import SUPPORTED_DIMS
 from ..ops.common.precision import einsum
 from ..ops.common.scan import vary_like
 from . import rules as _rules
@@ -174,11 +177,15 @@ def _lasp2(family, q, k, v, mesh, axis_name, output_final_state, kw):
 def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static):
     delta = family in DELTA_FAMILIES
     op = get_op(family)
+    # delta rules: [v, 0] carries the transition in K extra value columns when the chunk op runs
+    # V + K columns (XLA, or kernels of that width); otherwise a second call on zeros finds it
+    one_call = static.get("implementation") == "xla"
 
     def body(a):
         q, k, v = a["q"], a["k"], a["v"]
         Bl, _, Hl, K = q.shape
         HVl, V = v.shape[2], v.shape[3]
+        one_call_here = one_call or (V + K) in SUPPORTED_DIMS
         r = jax.lax.axis_index(axis)
         off = r * Tl
         gates = {n: a[n] for n in ("g", "beta", "g_gamma", "A_log", "dt_bias") if n in a}
@@ -205,12 +212,19 @@ def _make_body(family, W, Tl, N, axis, packed, output_final_state, scale, static
         init1 = jnp.where(sel(crosses), 0.0, h0)
         v1 = v
         if delta:
-            eye = jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (Nl, HVl, K, K))
-            init1 = jnp.concatenate([init1, jnp.where(sel(crosses), eye, 0.0)], -1)
-            v1 = jnp.concatenate([v.astype(jnp.float32), jnp.zeros(v.shape[:3] + (K,), jnp.float32)], -1)
+            eye = vary_like(jnp.where(sel(crosses), jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (Nl, HVl, K, K)),
+                                      0.0), q)
+            zeros = jnp.zeros(v.shape[:3] + (K,), v.dtype)
+            if one_call_here:
+                init1 = jnp.concatenate([init1, eye], -1)
+                v1 = jnp.concatenate([v, zeros], -1)
         init1 = vary_like(init1, q)
         o1, fin1 = op(q, k, v1, **gates, scale=scale, initial_state=init1, output_final_state=True,
                       cu_seqlens=local_cu, **static)
+        if delta and not one_call_here:                # the transition from its own call: M = M·I
+            _, M = op(q, k, zeros, **gates, scale=scale, initial_state=eye, output_final_state=True,
+                      cu_seqlens=local_cu, **static)
+            fin1 = jnp.concatenate([fin1, M], -1)
 
         # ---- per-rank transition of the crossing sequence and local final states
         if delta:

@@ -1,4 +1,5 @@
-"""The Pallas kernels of linear_attn, simple_gla and gla: parity, dispatch and lowering.
+"""The Pallas kernels of linear_attn, simple_gla and gla: parity, dispatch and lowering
+(the delta rules' kernels: ``test_ops_delta_kernels``).
 
 On CPU the kernels run in Pallas' interpreters: the TPU (Mosaic) kernels in the TPU interpreter
 with unwritten memory filled with NaN, race detection and out-of-bounds reads raising, the GPU
@@ -16,7 +17,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import tpu as pltpu
 
-from lolax.ops import PALLAS_FAMILIES, chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla
+from lolax.ops import chunk_gla, chunk_linear_attn, chunk_retention, chunk_simple_gla
 from lolax.ops.common.diagonal import chunk_diagonal
 from lolax.ops.common.diagonal_kernels import interpret_kernels, kernel_tuning, run_kernels
 from lolax.ops.common.prepare import prepare
@@ -28,6 +29,7 @@ STRICT_TPU = pltpu.InterpretParams(uninitialized_memory="nan", detect_races=True
 BACKENDS = {"tpu": STRICT_TPU, "gpu": True}
 LENGTHS = (1, 0, 15, 63)          # a single token, an empty sequence, odd lengths across chunks
 MODES = {"linear_attn": None, "simple_gla": "head", "gla": "key"}
+DIAGONAL = tuple(MODES)
 
 
 def check_kernels(family, backend, *, B, T, K=16, V=32, dtype=jnp.float32, strength=0.1, num_states=None,
@@ -207,7 +209,7 @@ def _export(fn, platform, *shapes):
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
-@pytest.mark.parametrize("family", PALLAS_FAMILIES)
+@pytest.mark.parametrize("family", DIAGONAL)
 def test_forward_and_gradient_lower_to_kernels(family, platform):
     """``implementation=None`` exported for TPU / CUDA from this CPU machine carries the kernels:
     the forward one kernel, the gradient the state recomputation and the backward kernel."""
@@ -231,7 +233,7 @@ def test_forward_and_gradient_lower_to_kernels(family, platform):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", PALLAS_FAMILIES)
+@pytest.mark.parametrize("family", DIAGONAL)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_compiled_kernels_on_gpu(family, dtype):
     """On the device: the compiled kernels against the naive oracle and the XLA chunk form."""
@@ -245,7 +247,7 @@ def test_compiled_kernels_on_gpu(family, dtype):
 @pytest.mark.parametrize("T", [1, 15, 63, 200])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("family", PALLAS_FAMILIES)
+@pytest.mark.parametrize("family", DIAGONAL)
 def test_kernels_match_naive_full(family, backend, dtype, T):
     check_kernels(family, backend, B=2, T=T, dtype=dtype, chunk_size=64 if T > 100 else 16)
 
@@ -255,8 +257,8 @@ def test_every_kernel_op_takes_implementation_keyword_only():
 
     from lolax import ops
     names = [n for n in ops.__all__ if n.startswith("chunk_") and any(f in n for f in
-             ("linear_attn", "simple_gla", "retention", "lightning", "gla")) and "delta" not in n]
-    assert len(names) == 5
+             ("linear_attn", "simple_gla", "retention", "lightning", "gla", "delta_rule"))]
+    assert len(names) == 7
     for name in names:
         param = inspect.signature(getattr(ops, name)).parameters["implementation"]
         assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is None, name
