@@ -10,20 +10,22 @@ KEYS = {"smoke_test", "note", "environment", "families", "impls", "tuning", "tim
 
 
 def test_cpu_quick_run_writes_outputs(tmp_path):
-    bench.main(["--quick", "--families", "simple_gla", "--out", str(tmp_path)])
+    bench.main(["--quick", "--families", "gated_delta_rule", "--out", str(tmp_path)])
     for name in ("kernels.json", "kernels.md", "kernels.png"):
         assert (tmp_path / name).stat().st_size > 0
     report = json.loads((tmp_path / "kernels.json").read_text())
     assert KEYS <= set(report)
     assert report["smoke_test"] and report["environment"]["backend"] == "cpu"
     assert report["tuning"]["choice"]["schedule"] in ("fused", "two_phase")
-    assert [(c["family"], c["mode"]) for c in report["cells"]] == [("simple_gla", "fwd"), ("simple_gla", "fwdbwd")]
+    assert [(c["family"], c["mode"]) for c in report["cells"]] == [("gated_delta_rule", "fwd"),
+                                                                   ("gated_delta_rule", "fwdbwd")]
     for cell in report["cells"]:
         assert set(cell["impls"]) == {"pallas", "xla"}
         for stats in cell["impls"].values():
             assert stats["error"] is None and stats["median_s"] > 0 and len(stats["samples_s"]) == 2
         assert cell["ratios"]["xla/pallas"] > 0 and cell["ratios"]["pallas/fla"] is None
-    assert set(report["goal"]["families"]["simple_gla"]["ratios"]) == {"pallas/fla", "xla/pallas", "cudnn/pallas"}
+    goal = report["goal"]["families"]["gated_delta_rule"]["ratios"]
+    assert set(goal) == {"pallas/fla", "xla/pallas", "cudnn/pallas"}
     assert "NOT a speed measurement" in (tmp_path / "kernels.md").read_text()
 
 

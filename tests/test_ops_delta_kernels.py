@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import export
+from test_ops_kernels import BACKENDS, TOL
 
 from lolax.ops import chunk_delta_rule, chunk_gated_delta_rule
 from lolax.ops.common.delta import chunk_delta
@@ -23,7 +24,6 @@ from lolax.ops.common.delta_kernels import run_delta_kernels
 from lolax.ops.common.diagonal_kernels import interpret_kernels, kernel_tuning
 from lolax.ops.common.prepare import prepare
 from lolax.ops.testing import assert_close, assert_forms_match, family_inputs, family_op
-from test_ops_kernels import BACKENDS, TOL
 
 LENGTHS = (1, 0, 15, 63)          # a single token, an empty sequence, odd lengths across chunks
 FAMILIES = ("delta_rule", "gated_delta_rule")

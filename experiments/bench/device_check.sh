@@ -17,7 +17,7 @@
 #      runs Python with PYTHONSAFEPATH=1, so the checkout's own lolax/ folder (which holds only
 #      __init__.py) does not shadow the installed package, and the checkout is on PYTHONPATH after
 #      it for `experiments` and `tests`;
-#   3. `python -m pytest -m gpu tests/test_ops_kernels.py -o addopts="" -q` with JAX_PLATFORMS=cuda
+#   3. `python -m pytest -m gpu tests/test_ops_kernels.py tests/test_ops_delta_kernels.py` with JAX_PLATFORMS=cuda
 #      (tests/conftest.py would otherwise default JAX to the CPU);
 #   4. `python -m experiments.bench.kernels` with a --budget-s that leaves a margin under the limit
 #      (DEVICE_CHECK_LIMIT_S, default 560 s of the device tool's 600 s), writing kernels.json, .md
@@ -93,7 +93,7 @@ import jax, lolax.ops
 print('lolax.ops from', lolax.ops.__file__)
 print('jax', jax.__version__, jax.devices())
 try:
-    import fla.ops.gla
+    import fla.ops.gla, fla.ops.gated_delta_rule
     print('fla', fla.__version__, 'from', fla.__file__)
 except Exception as e:
     print('fla not importable:', type(e).__name__, e)
@@ -101,7 +101,7 @@ except Exception as e:
 RC_IMPORT=$?
 
 note "3. gpu tests"
-timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ops_kernels.py -o addopts="" -q -p no:cacheprovider \
+timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ops_kernels.py tests/test_ops_delta_kernels.py -o addopts="" -q -p no:cacheprovider \
     2>&1 | tee "$LOGS/pytest.log"
 RC_TESTS=$?
 

@@ -1,12 +1,14 @@
-"""Benchmark of the Pallas kernels of the diagonal-decay ops against the XLA chunk form,
-flash-linear-attention's Triton kernels and cuDNN softmax attention.
+"""Benchmark of the Pallas kernels of the chunk ops (diagonal decays and delta rules) against the
+XLA chunk form, flash-linear-attention's Triton kernels and cuDNN softmax attention.
 
     python -m experiments.bench.kernels                          # on a GPU: the full run (--budget-s, ~5 min)
     python -m experiments.bench.kernels --tuning-sweep           # ... plus a sweep of the launch choices
     python -m experiments.bench.kernels --quick --out /tmp/bench  # smoke run (the only run on CPU)
 
 On a GPU it times, in one process, forward and forward+backward in bf16 (float32 log gates) for
-``chunk_gla`` and ``chunk_simple_gla`` (``--families`` adds ``linear_attn``, unnormalised) through
+``chunk_gated_delta_rule``, ``chunk_gla``, ``chunk_simple_gla``, ``chunk_delta_rule`` and
+``chunk_linear_attn`` (unnormalised; ``--families`` picks some), the delta rules with
+``use_qk_l2norm_in_kernel=True`` and a bf16 step ``beta = sigmoid(x)``, through
 
 * ``pallas``: lolax's kernels (``implementation="pallas"``, launch choices of ``DEFAULT_TUNING``);
 * ``xla``: lolax's XLA chunk form (``implementation="xla"``);
@@ -61,11 +63,19 @@ from typing import Any, Callable, Iterator
 import jax
 import jax.numpy as jnp
 
-from lolax.ops import chunk_gla, chunk_linear_attn, chunk_simple_gla, interpret_kernels, kernel_tuning
+from lolax.ops import (
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    chunk_gla,
+    chunk_linear_attn,
+    chunk_simple_gla,
+    interpret_kernels,
+    kernel_tuning,
+)
 from lolax.ops.common.kernel_spec import DEFAULT_TUNING, KernelTuning
 
 IMPLS = ("pallas", "xla", "fla", "cudnn")
-ALL_FAMILIES = ("gla", "simple_gla", "linear_attn")
+ALL_FAMILIES = ("gated_delta_rule", "gla", "simple_gla", "delta_rule", "linear_attn")
 GOAL_SHAPE = (2, 16384, 16, 128)
 GOALS = {"pallas/fla": ("<=", 1.25), "xla/pallas": (">=", 2.0), "cudnn/pallas": (">=", 3.0)}
 """The issue's targets at ``GOAL_SHAPE`` forward+backward: within 1.25x of flash-linear-attention,
@@ -86,10 +96,14 @@ TUNING_GRID = (
 """Launch choices tried by ``--tuning-sweep``: the default, each knob moved alone, two mixed, and
 single-part bf16 products (``split_bf16=False``, flash-linear-attention's precision)."""
 
-LOLAX_OPS = {"gla": chunk_gla, "simple_gla": chunk_simple_gla, "linear_attn": chunk_linear_attn}
+LOLAX_OPS = {"gla": chunk_gla, "simple_gla": chunk_simple_gla, "linear_attn": chunk_linear_attn,
+             "delta_rule": chunk_delta_rule, "gated_delta_rule": chunk_gated_delta_rule}
 FLA_OPS = {"gla": ("fla.ops.gla", "chunk_gla"), "simple_gla": ("fla.ops.simple_gla", "chunk_simple_gla"),
-           "linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn")}
-GATE = {"gla": "key", "simple_gla": "head", "linear_attn": None}
+           "linear_attn": ("fla.ops.linear_attn", "chunk_linear_attn"),
+           "delta_rule": ("fla.ops.delta_rule", "chunk_delta_rule"),
+           "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")}
+GATE = {"gla": "key", "simple_gla": "head", "linear_attn": None, "delta_rule": None, "gated_delta_rule": "head"}
+DELTA = ("delta_rule", "gated_delta_rule")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +154,9 @@ def plan_cells(families: tuple[str, ...], quick: bool, sweep_T: tuple[int, ...])
 
 def make_inputs(family: str, B: int, T: int, H: int, D: int, seed: int = 0) -> dict[str, jax.Array]:
     """bf16 ``q, k, v`` and output cotangent ``do`` ``[B, T, H, D]``; float32 log gates
-    ``log_sigmoid(x) / 16`` (``[B, T, H, D]`` for gla, ``[B, T, H]`` for simple_gla)."""
-    kq, kk, kv, kd, kg = jax.random.split(jax.random.key(seed), 5)
+    ``log_sigmoid(x) / 16`` (``[B, T, H, D]`` for gla, ``[B, T, H]`` for simple_gla and Gated
+    DeltaNet); for the delta rules a bf16 step ``beta = sigmoid(x)`` ``[B, T, H]``."""
+    kq, kk, kv, kd, kg, kb = jax.random.split(jax.random.key(seed), 6)
     normal = lambda key, shape: jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
     x = {"q": normal(kq, (B, T, H, D)), "k": normal(kk, (B, T, H, D)), "v": normal(kv, (B, T, H, D)),
          "do": normal(kd, (B, T, H, D))}
@@ -149,11 +164,17 @@ def make_inputs(family: str, B: int, T: int, H: int, D: int, seed: int = 0) -> d
         x["g"] = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H, D), jnp.float32)) / 16
     elif GATE[family] == "head":
         x["g"] = jax.nn.log_sigmoid(jax.random.normal(kg, (B, T, H), jnp.float32)) / 16
+    if family in DELTA:
+        x["beta"] = jax.nn.sigmoid(jax.random.normal(kb, (B, T, H), jnp.float32)).astype(jnp.bfloat16)
     return jax.block_until_ready(x)
 
 
-def _op_call(family: str, op: Callable, q, k, v, g, **kw):
+def _op_call(family: str, op: Callable, q, k, v, g, beta=None, **kw):
     """The output ``o`` of a family's op in flash-linear-attention's calling convention."""
+    if family == "gated_delta_rule":
+        return op(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, **kw)[0]
+    if family == "delta_rule":
+        return op(q, k, v, beta, use_qk_l2norm_in_kernel=True, **kw)[0]
     if family == "gla":
         return op(q, k, v, g, **kw)[0]
     if family == "simple_gla":
@@ -176,14 +197,24 @@ def _jax_runner(fn: Callable, args: tuple, mode: str, context=contextlib.nullcon
     return Runner(call=lambda: f(*args), wait=jax.block_until_ready, context=context)
 
 
+def _input_names(family: str) -> tuple[str, ...]:
+    return ("q", "k", "v") + (("g",) if GATE[family] is not None else ()) + (("beta",) if family in DELTA else ())
+
+
+def _gates(family: str, a) -> dict:
+    """The gate and step among the inputs after q, k, v, by name."""
+    names = _input_names(family)[3:]
+    return {n: a[3 + i] for i, n in enumerate(names)}
+
+
 def lolax_runner(cell: Cell, x: dict, implementation: str, context=contextlib.nullcontext) -> Runner:
     op = LOLAX_OPS[cell.family]
-    has_g = GATE[cell.family] is not None
-    names = ("q", "k", "v") + (("g",) if has_g else ())
+    names = _input_names(cell.family)
 
     def fn(*a):
         q, k, v = a[:3]
-        return _op_call(cell.family, op, q, k, v, a[3] if has_g else None, implementation=implementation)
+        gates = _gates(cell.family, a)
+        return _op_call(cell.family, op, q, k, v, gates.get("g"), gates.get("beta"), implementation=implementation)
 
     return _jax_runner(fn, tuple(x[n] for n in names) + (x["do"],), cell.mode, context)
 
@@ -211,21 +242,19 @@ def fla_runner(cell: Cell, x: dict, fla_ops: dict) -> Runner:
     import torch
 
     op = fla_ops[cell.family]
-    has_g = GATE[cell.family] is not None
-    names = ("q", "k", "v") + (("g",) if has_g else ())
-    ins = [_to_torch(x[n]) for n in names]
+    ins = [_to_torch(x[n]) for n in _input_names(cell.family)]
     do = _to_torch(x["do"])
-    g = lambda a: a[3] if has_g else None
+    gates = lambda a: (_gates(cell.family, a).get("g"), _gates(cell.family, a).get("beta"))
 
     if cell.mode == "fwd":
         def call():
             with torch.no_grad():
-                _op_call(cell.family, op, *ins[:3], g(ins))
+                _op_call(cell.family, op, *ins[:3], *gates(ins))
     else:
         ins = [t.requires_grad_(True) for t in ins]
 
         def call():
-            o = _op_call(cell.family, op, *ins[:3], g(ins))
+            o = _op_call(cell.family, op, *ins[:3], *gates(ins))
             torch.autograd.grad(o, ins, do)
 
     return Runner(call=call, wait=lambda _: torch.cuda.synchronize())
@@ -573,7 +602,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=300.0,
                    help="wall-clock budget: no new cell starts after it (outputs are still written)")
     p.add_argument("--families", nargs="+", choices=ALL_FAMILIES, default=None,
-                   help="default: gla simple_gla")
+                   help="default: all five, Gated DeltaNet first")
     p.add_argument("--impls", nargs="+", choices=IMPLS, default=None,
                    help="default: all that run here (CPU: pallas xla)")
     p.add_argument("--reps", type=int, default=None, help="timed rounds per cell (default 7; quick 2)")
@@ -596,7 +625,7 @@ def run(argv: list[str] | None = None) -> dict:
     backend = jax.default_backend()
     on_cpu = backend == "cpu"
     quick = args.quick or on_cpu
-    families = tuple(args.families or ("gla", "simple_gla"))
+    families = tuple(args.families or ALL_FAMILIES)
     available = ("pallas", "xla") if on_cpu else IMPLS if backend == "gpu" else ("pallas", "xla")
     impls = tuple(i for i in (args.impls or available) if i in available)
     args.reps = args.reps or (2 if quick else 7)

@@ -27,7 +27,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .kernel_math import F32, ChunkGates, _decay_state, _scaled, chunk_gates as _gate_decays, dot, iota
+from .kernel_math import F32, ChunkGates, _decay_state, _scaled, dot, iota
+from .kernel_math import chunk_gates as _gate_decays
 
 Array = jax.Array
 

@@ -27,8 +27,16 @@ import jax
 import jax.numpy as jnp
 
 from . import decay
-from .diagonal_kernels import (backend_module, empty_keep_initial, from_rows, head_gate_tables, kernel_spec,
-                               plan_tables, to_rows, unvisited_to_zero)
+from .diagonal_kernels import (
+    backend_module,
+    empty_keep_initial,
+    from_rows,
+    head_gate_tables,
+    kernel_spec,
+    plan_tables,
+    to_rows,
+    unvisited_to_zero,
+)
 from .kernel_spec import KernelSpec, KernelTuning
 from .prepare import Inputs
 from .scan import vary_like

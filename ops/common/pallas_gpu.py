@@ -119,8 +119,8 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
             rows = pl.ds(n * C, C)
             g = _load_gates(spec, gate_refs, n)
             if o_ref is not None:
-                o, ST_next = math_of(spec).chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST, spec.mode,
-                                              spec.sub_chunk_size, spec.products)
+                o, ST_next = math_of(spec).chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST,
+                                                         spec.mode, spec.sub_chunk_size, spec.products)
                 o_ref[rows, :] = o
             else:
                 ST_next = math_of(spec).chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST, spec.products)

@@ -181,8 +181,9 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
 
         math = math_of(spec)
         g = math.chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
-        dq, dk, dv, dS_prev, extras = math.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g, states_ref[...],
-                                                dS_ref[...], spec.mode, spec.sub_chunk_size, spec.products)
+        dq, dk, dv, dS_prev, extras = math.chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g,
+                                                          states_ref[...], dS_ref[...], spec.mode, spec.sub_chunk_size,
+                                                          spec.products)
         dq_ref[...] = dq
         dk_ref[...] = dk
         dv_ref[...] = dv
