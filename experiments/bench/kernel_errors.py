@@ -1,13 +1,14 @@
 """Accuracy of the Pallas kernels against the naive oracles, run in Pallas' interpreters on CPU.
 
-    python -m experiments.bench.kernel_errors --out docs/results     # about 5 minutes on 2 CPU cores
+    python -m experiments.bench.kernel_errors --out docs/results     # about 10 minutes on 2 CPU cores
 
-For linear_attn, simple_gla and gla, on the TPU kernels (Mosaic interpreter) and the GPU kernels
+For every family (linear_attn, simple_gla, gla, delta_rule, gated_delta_rule), on the TPU kernels (Mosaic interpreter) and the GPU kernels
 (generic interpreter), the relative RMS error ``rms(out - ref) / rms(ref)`` of o, the final state
 and every gradient under the loss ``Σ o ⊙ do + Σ S_T ⊙ dS_T`` (``lolax.ops.testing``), in three
 cases: float32 packed sequences of lengths 1, 0, 15 and 63 with an initial state each and strong
-gates; bf16 at B = 2, T = 200 with the default two-part products; the same with single-part bf16
-products (``split_bf16=False``).  Writes ``kernel_errors.json`` and ``kernel_errors.md``.
+gates (the delta rules with steps in [0, 2] and ``allow_neg_eigval``, Gated DeltaNet with 4 value
+heads on 2 key heads); bf16 at B = 2, T = 200 with the default two-part products; the same with
+single-part bf16 products (``split_bf16=False``).  Writes ``kernel_errors.json`` and ``kernel_errors.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lolax.ops import PALLAS_FAMILIES, interpret_kernels, kernel_tuning
-from lolax.ops.testing import family_inputs, family_op, rel_rms_error, value_and_grads
+from lolax.ops.testing import DELTA, family_inputs, family_op, rel_rms_error, value_and_grads
 
 LENGTHS = (1, 0, 15, 63)
 CASES = {"f32 packed, strong gates": dict(dtype=jnp.float32, packed=True, split=True),
@@ -34,8 +35,11 @@ def case_errors(family: str, backend: str, dtype, packed: bool, split: bool) -> 
     kw = {}
     if packed:
         cu = np.concatenate([[0], np.cumsum(LENGTHS)]).astype(np.int32)
-        args, do, dht = family_inputs(family, 0, 1, int(cu[-1]), 2, 16, 32, strength=0.1, num_states=len(LENGTHS))
-        kw = {"cu_seqlens": cu}
+        delta = family in DELTA
+        args, do, dht = family_inputs(family, 0, 1, int(cu[-1]), 2, 16, 32, strength=0.1, num_states=len(LENGTHS),
+                                      beta_max=2.0 if delta else 1.0,
+                                      value_heads=4 if family == "gated_delta_rule" else None)
+        kw = {"cu_seqlens": cu, **({"allow_neg_eigval": True} if delta else {})}
     else:
         args, do, dht = family_inputs(family, 0, 2, 200, 2, 16, 32, dtype=dtype)
     run = lambda fn: jax.jit(lambda a: value_and_grads(fn, a, do, dht))(args)
@@ -48,7 +52,7 @@ def case_errors(family: str, backend: str, dtype, packed: bool, split: bool) -> 
 
 
 def table(results: dict) -> str:
-    cols = ["o", "final_state", "dq", "dk", "dv", "dg", "dinitial_state"]
+    cols = ["o", "final_state", "dq", "dk", "dv", "dg", "dbeta", "dinitial_state"]
     lines = ["| case | family | backend | " + " | ".join(cols) + " |", "|---" * (len(cols) + 3) + "|"]
     for case, by_family in results.items():
         for family, by_backend in by_family.items():
