@@ -2,13 +2,14 @@
 
     python -m experiments.bench.kernel_errors --out docs/results     # about 10 minutes on 2 CPU cores
 
-For every family (linear_attn, simple_gla, gla, delta_rule, gated_delta_rule), on the TPU kernels (Mosaic interpreter) and the GPU kernels
-(generic interpreter), the relative RMS error ``rms(out - ref) / rms(ref)`` of o, the final state
-and every gradient under the loss ``Σ o ⊙ do + Σ S_T ⊙ dS_T`` (``lolax.ops.testing``), in three
-cases: float32 packed sequences of lengths 1, 0, 15 and 63 with an initial state each and strong
-gates (the delta rules with steps in [0, 2] and ``allow_neg_eigval``, Gated DeltaNet with 4 value
-heads on 2 key heads); bf16 at B = 2, T = 200 with the default two-part products; the same with
-single-part bf16 products (``split_bf16=False``).  Writes ``kernel_errors.json`` and ``kernel_errors.md``.
+For every family (linear_attn, simple_gla, gla, delta_rule, gated_delta_rule), on the TPU kernels
+(Mosaic interpreter) and the GPU kernels (generic interpreter), the relative RMS error
+``rms(out - ref) / rms(ref)`` of o, the final state and every gradient under the loss
+``Σ o ⊙ do + Σ S_T ⊙ dS_T`` (``lolax.ops.testing``), in three cases: float32 packed sequences of
+lengths 1, 0, 15 and 63 with an initial state each and strong gates (the delta rules with steps
+in [0, 2] and ``allow_neg_eigval``, Gated DeltaNet with 4 value heads on 2 key heads); bf16 at
+B = 2, T = 200 with the default two-part products; the same with single-part bf16 products
+(``split_bf16=False``).  Writes ``kernel_errors.json`` and ``kernel_errors.md``.
 """
 
 from __future__ import annotations

@@ -34,6 +34,7 @@ from .diagonal_kernels import (
     head_gate_tables,
     kernel_spec,
     plan_tables,
+    same_variance,
     to_rows,
     unvisited_to_zero,
 )
@@ -102,6 +103,9 @@ def run_delta_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, pla
     q, k, v = (to_rows(a.astype(compute), plan) for a in (x.q, x.k, x.v))
     g = None if mode is None else to_rows(x.g, plan)
     beta = to_rows(x.beta, plan)
+    # inside shard_map the custom VJP needs every operand typed varying alike (a constant, such as
+    # LASP-2's zero values, would otherwise get a varying cotangent)
+    q, k, v, g, beta = same_variance(q, k, v, g, beta)
     h0T = None if x.initial_state is None else vary_like(jnp.swapaxes(x.initial_state, -1, -2), q)
     first, last, seq = plan_tables(plan, x.num_seqs, q)
     o, finalT = _delta_op(q, k, v, g, beta, h0T, first, last, seq, spec, platform, interpret)

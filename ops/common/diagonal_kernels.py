@@ -213,6 +213,11 @@ def kernel_spec(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     return spec, make_chunk_plan(B, T, C, x.cu_seqlens), compute
 
 
+def same_variance(*arrays):
+    """The arrays (None kept) each typed varying over every mesh axis any of them varies over."""
+    return tuple(None if a is None else vary_like(a, [b for b in arrays if b is not None]) for a in arrays)
+
+
 def plan_tables(plan, N: int, like: Array):
     """The chunk plan's ``first, last, seq`` tables as int32 kernel operands (inside shard_map
     every kernel operand must vary over the mesh axes the tokens vary over)."""
@@ -303,6 +308,7 @@ def run_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
     q, k, v = (to_rows(a.astype(compute), plan) for a in (x.q, x.k, x.v))
     gate = x.g if mode == "head" else x.gk if mode == "key" else None
     g = None if gate is None else to_rows(gate, plan)
+    q, k, v, g = same_variance(q, k, v, g)
     h0T = None if x.initial_state is None else vary_like(jnp.swapaxes(x.initial_state, -1, -2), q)
     first, last, seq = plan_tables(plan, x.num_seqs, q)
     o, finalT = _kernel_op(q, k, v, g, h0T, first, last, seq, spec, platform, interpret)
