@@ -12,7 +12,8 @@ chunk), and the gate's gradient from the kernels' ``dG`` (the gradient of the in
 cumulative log decay), a reverse cumulative sum inside each chunk; resets get 0.  The step
 ``beta`` (after ``use_beta_sigmoid_in_kernel`` / ``allow_neg_eigval``), the L2 normalisation of
 q and k and the grouped value heads are applied before, by :func:`.prepare.prepare`, and
-differentiated by XLA.
+differentiated by XLA; q and k are not repeated over grouped value heads (the kernels read each
+value head's key head).
 
 Forward: one sequential kernel.  Backward: one pass recomputes the state entering every chunk
 (``[rows·heads, chunks, V, K]``, linear in T), one reverse pass computes ``dq, dk, dv, dβ, dG``
@@ -75,7 +76,9 @@ def _delta_op_bwd(spec, platform, interpret, res, cts):
                                     emit_output=False, want_final=False, interpret=interpret)
     dq, dk, dv, dh0T, grads = backend.backward(q, k, v, extras, do.astype(v.dtype), statesT, dfinalT, first, last,
                                                seq, spec=spec, has_h0=h0T is not None, interpret=interpret)
-    dq, dk = jnp.sum(dq, axis=0), jnp.sum(dk, axis=0)
+    # partial over value blocks, and per value head: a key head's gradient sums its group's
+    group = lambda d: jnp.sum(d, axis=0).reshape((q.shape[0], spec.key_group) + q.shape[1:]).sum(axis=1)
+    dq, dk = group(dq), group(dk)
     dbeta = jnp.sum(grads[0], axis=0)[..., 0]
     dg = None
     if spec.mode == "head":
@@ -95,10 +98,12 @@ def run_delta_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, pla
                       tuning: KernelTuning | None = None, block_v: int | None = None):
     """The delta rules' chunk form through the ``platform`` kernels (``"tpu"`` or ``"gpu"``).
 
-    ``mode``: None (DeltaNet) or ``"head"`` (Gated DeltaNet, ``x.g``).  Returns
+    ``mode``: None (DeltaNet) or ``"head"`` (Gated DeltaNet, ``x.g``).  With grouped value heads
+    q and k may come unrepeated (``prepare(..., repeat_key_heads=False)``): each kernel program
+    reads its key head, and the key heads' gradients sum over their groups.  Returns
     ``(o [B, T, HV, V] float32, final [N, HV, K, V] float32)`` like :func:`.delta.chunk_delta`.
     """
-    H = x.k.shape[2]
+    HV = x.v.shape[2]
     spec, plan, compute = kernel_spec(x, mode, chunk_size, sub_chunk_size, platform, tuning, block_v, "delta")
     q, k, v = (to_rows(a.astype(compute), plan) for a in (x.q, x.k, x.v))
     g = None if mode is None else to_rows(x.g, plan)
@@ -110,4 +115,4 @@ def run_delta_kernels(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, pla
     first, last, seq = plan_tables(plan, x.num_seqs, q)
     o, finalT = _delta_op(q, k, v, g, beta, h0T, first, last, seq, spec, platform, interpret)
     final = empty_keep_initial(x, jnp.swapaxes(finalT, -1, -2))
-    return from_rows(o, plan, H), final
+    return from_rows(o, plan, HV), final

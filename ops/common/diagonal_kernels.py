@@ -200,16 +200,16 @@ def kernel_spec(x: Inputs, mode, chunk_size: int, sub_chunk_size: int, platform:
                 block_v: int | None, family: str = "diagonal"):
     """``(spec, plan, compute dtype)`` of a kernel call on ``x``."""
     B, T, H, K = x.k.shape
-    V = x.v.shape[-1]
+    HV, V = x.v.shape[2:]
     C = kernel_chunk_size(T, chunk_size, sub_chunk_size)
     tuning = tuning or DEFAULT_TUNING[platform]
     compute = jnp.bfloat16 if jnp.dtype(x.out_dtype) == jnp.bfloat16 else jnp.float32
     spec = KernelSpec(mode=mode, chunk_size=C, sub_chunk_size=min(sub_chunk_size, C),
-                      block_v=min(V, block_v or tuning.block_v), num_heads=H, num_seqs=x.num_seqs, key_dim=K,
+                      block_v=min(V, block_v or tuning.block_v), num_heads=HV, num_seqs=x.num_seqs, key_dim=K,
                       num_warps=tuning.num_warps, num_stages=tuning.num_stages,
                       schedule=tuning.schedule if platform == "gpu" else "fused",
                       products="f32" if compute == jnp.float32 else "bf16_split" if tuning.split_bf16 else "bf16",
-                      family=family)
+                      family=family, key_group=HV // H)
     return spec, make_chunk_plan(B, T, C, x.cu_seqlens), compute
 
 

@@ -16,12 +16,14 @@ class KernelSpec:
       chunk_size: tokens per chunk, C.
       sub_chunk_size: tokens per sub-chunk of the per-key-dimension scores (divides C).
       block_v: value columns per program, BV (divides V); the state block is ``[BV, K]``.
-      num_heads: H (rows of the kernel layout are ``row·H + head``).
+      num_heads: H, the value heads (rows of the kernel layout are ``row·H + head``).
       num_seqs: N, the number of initial / final states.
       key_dim: K.
       num_warps, num_stages: Triton launch parameters (GPU only).
       schedule: the GPU schedule (see :class:`KernelTuning`).
       products: how products are computed, one of ``kernel_math.PRODUCTS``.
+      key_group: value heads per q/k head, G (grouped value heads; 1 otherwise): the rows of q
+        and k are ``row·(H / G) + head // G``, see :meth:`key_row`.
       family: ``"diagonal"`` (:mod:`.kernel_math`) or ``"delta"`` (:mod:`.delta_kernel_math`: a
         per-token step ``beta`` enters as one more column, and the backward also returns the
         gradients of ``beta`` and of the in-chunk cumulative log decay).
@@ -39,6 +41,16 @@ class KernelSpec:
     schedule: str = "fused"
     products: str = "f32"
     family: str = "diagonal"
+    key_group: int = 1
+
+    def key_row(self, bh):
+        """The q/k row that value row ``bh`` reads: with ``key_group`` G > 1 (grouped value heads,
+        ``num_heads`` value heads over ``num_heads / G`` key heads) value head ``hv`` reads key
+        head ``hv // G``; q and k stay unrepeated in memory."""
+        if self.key_group == 1:
+            return bh
+        HV = self.num_heads
+        return jax.lax.div(bh, HV) * (HV // self.key_group) + jax.lax.div(jax.lax.rem(bh, HV), self.key_group)
 
     @property
     def extra_inputs(self) -> tuple[tuple[str, int], ...]:

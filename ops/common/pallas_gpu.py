@@ -71,13 +71,13 @@ def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_st
 def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states, emit_output,
                         want_final, interpret):
     """The chunk-by-chunk pass: outputs (fused schedule) and/or the state entering every chunk."""
-    BH, Tp, K = q.shape
-    V = v.shape[-1]
+    Tp, K = q.shape[1:]
+    BH, V = v.shape[0], v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     R = first.shape[0]
-    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
-                pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
+                pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                 *_gate_specs(spec, Tp, NC), _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
     args = [q, k, v, *gates, first, last, seq]
@@ -153,13 +153,13 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
 def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
                          interpret):
     """The fused reverse pass: state cotangents and dq, dk, dv chunk by chunk."""
-    BH, Tp, K = q.shape
-    V = v.shape[-1]
+    Tp, K = q.shape[1:]
+    BH, V = v.shape[0], v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     R = first.shape[0]
-    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
-                pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
+                pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                 *_gate_specs(spec, Tp, NC),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
@@ -238,11 +238,11 @@ def _parallel_gates(spec: KernelSpec, gate_refs):
 
 def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
     """Every chunk at once: ``o = intra-chunk + (Q ⊙ decay) S_in`` with the stored entering states."""
-    BH, Tp, K = q.shape
-    V = v.shape[-1]
+    Tp, K = q.shape[1:]
+    BH, V = v.shape[0], v.shape[-1]
     C, BV = spec.chunk_size, spec.block_v
     NC, NV = Tp // C, V // BV
-    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))
+    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (spec.key_row(bh), n, 0))
     vb = pl.BlockSpec((None, C, BV), lambda bh, iv, n: (bh, n, iv))
     st = pl.BlockSpec((None, None, BV, K), lambda bh, iv, n: (bh, n, iv, 0))
     n_gates = len(gates)
@@ -265,18 +265,18 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
     """The reverse chunk-by-chunk pass over state cotangents only: ``(dSᵀ leaving every chunk
     [BH, NC, V, K], dh0ᵀ or None)``.  ``k``, ``v`` and the entering states are read by the delta
     rules only (their state cotangent passes through the chunk's ``W`` and ``V'``)."""
-    BH, Tp, K = q.shape
-    V = do.shape[-1]
+    Tp, K = q.shape[1:]
+    BH, V = do.shape[0], do.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     R = first.shape[0]
     delta = spec.family == "delta"
-    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)), *_gate_specs(spec, Tp, NC),
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)), *_gate_specs(spec, Tp, NC),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                 _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
     args = [q, *gates, do, first, last, seq]
     if delta:
-        in_specs += [pl.BlockSpec((None, Tp, K), lambda bh, iv: (bh, 0, 0)),
+        in_specs += [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                      pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                      pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
         args += [k, v, statesT]
@@ -330,11 +330,11 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
 def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, interpret):
     """Every chunk at once: ``dq, dk`` (partial over value blocks) and ``dv`` from the entering
     states and the cotangents of the leaving states."""
-    BH, Tp, K = q.shape
-    V = v.shape[-1]
+    Tp, K = q.shape[1:]
+    BH, V = v.shape[0], v.shape[-1]
     C, BV = spec.chunk_size, spec.block_v
     NC, NV = Tp // C, V // BV
-    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (bh, n, 0))
+    qk = pl.BlockSpec((None, C, K), lambda bh, iv, n: (spec.key_row(bh), n, 0))
     vb = pl.BlockSpec((None, C, BV), lambda bh, iv, n: (bh, n, iv))
     st = pl.BlockSpec((None, None, BV, K), lambda bh, iv, n: (bh, n, iv, 0))
     part = pl.BlockSpec((None, None, C, K), lambda bh, iv, n: (iv, bh, n, 0))

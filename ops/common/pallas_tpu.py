@@ -57,15 +57,16 @@ def _interpret(interpret):
 def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states=False, emit_output=True,
             want_final=True, interpret=False):
     """``(o [BH, Tp, V] float32 or None, finalᵀ [N, H, V, K] or None, statesᵀ [BH, NC, V, K] or None)``."""
-    BH, Tp, K = q.shape
+    Tp, K = q.shape[1:]
+    BH = v.shape[0]
     V = v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     chunk_of = lambda n: n
     by_seq = lambda bh, iv, n, f, l, s: (s[jax.lax.div(bh, H), n], jax.lax.rem(bh, H), iv, 0)
 
-    in_specs = [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, n, 0)),
-                pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, n, 0)),
+    in_specs = [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (spec.key_row(bh), n, 0)),
+                pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (spec.key_row(bh), n, 0)),
                 pl.BlockSpec((None, C, BV), lambda bh, iv, n, *t: (bh, n, iv))] + _gate_specs(spec, chunk_of)
     args = [q, k, v, *gates]
     if h0T is not None:
@@ -130,15 +131,16 @@ def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: Ke
     """``(dq [NV, BH, Tp, K], dk [NV, BH, Tp, K], dv [BH, Tp, V], dh0ᵀ [N, H, V, K] or None, extras)``
     float32; dq, dk and the ``spec.num_extra_grads`` extras ``[NV, BH, Tp, 1]`` are partial sums
     over value blocks."""
-    BH, Tp, K = q.shape
+    Tp, K = q.shape[1:]
+    BH = v.shape[0]
     V = v.shape[-1]
     C, H, BV, N = spec.chunk_size, spec.num_heads, spec.block_v, spec.num_seqs
     NC, NV = Tp // C, V // BV
     rev = lambda n: NC - 1 - n
     by_seq = lambda bh, iv, n, f, l, s: (s[jax.lax.div(bh, H), NC - 1 - n], jax.lax.rem(bh, H), iv, 0)
 
-    in_specs = [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, rev(n), 0)),
-                pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (bh, rev(n), 0)),
+    in_specs = [pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (spec.key_row(bh), rev(n), 0)),
+                pl.BlockSpec((None, C, K), lambda bh, iv, n, *t: (spec.key_row(bh), rev(n), 0)),
                 pl.BlockSpec((None, C, BV), lambda bh, iv, n, *t: (bh, rev(n), iv))] + _gate_specs(spec, rev)
     in_specs += [pl.BlockSpec((None, C, BV), lambda bh, iv, n, *t: (bh, rev(n), iv)),
                  pl.BlockSpec((None, None, BV, K), lambda bh, iv, n, *t: (bh, rev(n), iv, 0))]

@@ -25,8 +25,8 @@ L2NORM_EPS = 1e-6
 class Inputs(NamedTuple):
     """Validated float32 inputs of one op call (HV value heads; HV == H unless grouped)."""
 
-    q: Array                      # [B, T, HV, K], times the scale
-    k: Array                      # [B, T, HV, K]
+    q: Array                      # [B, T, HV, K], times the scale ([B, T, H, K] unrepeated, see prepare)
+    k: Array                      # [B, T, HV, K] ([B, T, H, K] unrepeated)
     v: Array                      # [B, T, HV, V]
     g: Array | None               # [B, T, HV] log decay per head
     gk: Array | None              # [B, T, HV, K] log decay per key dimension
@@ -59,7 +59,8 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
             cu_seqlens=None, g=None, g_gamma=None, gk=None, gv=None, beta=None, delta_rule: bool = False,
             grouped_values: bool = False, state_v_first: bool = False,
             qk_l2norm: bool = False, beta_logits: bool = False, allow_neg_eigval: bool = False,
-            A_log=None, dt_bias=None, names: dict[str, str] | None = None) -> Inputs:
+            A_log=None, dt_bias=None, names: dict[str, str] | None = None,
+            repeat_key_heads: bool = True) -> Inputs:
     """Validates an op's arguments and returns float32 :class:`Inputs`.
 
     Args:
@@ -77,6 +78,8 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
       delta_rule: the op is a delta rule: a missing ``beta`` means a step of 1.
       qk_l2norm: L2-normalise q and k before scaling.
       names: how the caller's signature names the gates in error messages, e.g. ``{"gk": "g"}``.
+      repeat_key_heads: with grouped values, repeat q and k to HV heads (False: keep H heads;
+        the consumer maps value head hv to key head ``hv // (HV / H)``, see :func:`repeat_key_heads`).
     """
     B, T, H, K, V = checks.check_qkv(q, k, v, grouped_values=grouped_values)
     for name, flag in (("output_final_state", output_final_state), ("state_v_first", state_v_first),
@@ -122,11 +125,19 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
     qf, kf = q.astype(jnp.float32), k.astype(jnp.float32)
     if qk_l2norm:
         qf, kf = l2norm(qf), l2norm(kf)
-    if HV != H:
+    if HV != H and repeat_key_heads:
         qf, kf = jnp.repeat(qf, HV // H, axis=2), jnp.repeat(kf, HV // H, axis=2)
     cu = None if cu_seqlens is None else jnp.asarray(cu_seqlens, jnp.int32)
     return Inputs(qf * scale, kf, v.astype(jnp.float32), g, gk, gv, beta, initial_state, cu, N, v.dtype,
                   bool(output_final_state), bool(state_v_first))
+
+
+def repeat_key_heads(x: Inputs) -> Inputs:
+    """``x`` with q and k repeated to the value heads (a no-op when they already match)."""
+    G = x.v.shape[2] // x.q.shape[2]
+    if G == 1:
+        return x
+    return x._replace(q=jnp.repeat(x.q, G, axis=2), k=jnp.repeat(x.k, G, axis=2))
 
 
 def finish(x: Inputs, o: Array, final: Array) -> tuple[Array, Array | None]:

@@ -6,7 +6,7 @@ from ..common import checks
 from ..common.delta import chunk_delta, transitions
 from ..common.delta_kernels import run_delta_kernels
 from ..common.diagonal_kernels import chunk_diagonal_dispatch
-from ..common.prepare import finish, prepare
+from ..common.prepare import finish, prepare, repeat_key_heads
 
 
 def gate_arguments(use_gate_in_kernel, A_log, dt_bias) -> dict:
@@ -67,11 +67,16 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     x = prepare(q, k, v, g=g, beta=beta, scale=scale, initial_state=initial_state,
                 output_final_state=output_final_state, cu_seqlens=cu_seqlens, grouped_values=True,
                 qk_l2norm=use_qk_l2norm_in_kernel, beta_logits=use_beta_sigmoid_in_kernel,
-                allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first,
+                allow_neg_eigval=allow_neg_eigval, state_v_first=state_v_first, repeat_key_heads=False,
                 **gate_arguments(use_gate_in_kernel, A_log, dt_bias))
-    o, final = chunk_diagonal_dispatch(x, "head", size, 16, implementation, chunk_delta, (size,),
+    o, final = chunk_diagonal_dispatch(x, "head", size, 16, implementation, _chunk_delta_grouped, (size,),
                                        runner=run_delta_kernels)
     return finish(x, o, final)
+
+
+def _chunk_delta_grouped(x, chunk_size: int):
+    """The XLA chunk form, q and k repeated over the grouped value heads first."""
+    return chunk_delta(repeat_key_heads(x), chunk_size)
 
 
 def chunk_gated_transitions(k, v, g, beta, *, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
