@@ -95,6 +95,41 @@ def _transform(k, v, ch: DeltaChunk, products: str) -> _Transform:
     return _Transform(D, KK, A, T, bkg, bv, dot(T, bkg, products=products), dot(T, bv, products=products))
 
 
+def chunk_wy(k, ch: DeltaChunk, products: str):
+    """``(T [C, C], W [C, K])`` of one chunk: the parts of the transform that do not involve V."""
+    C = k.shape[0]
+    strict = iota((C, C), 0) > iota((C, C), 1)
+    A = jnp.where(strict, ch.beta * dot(k, k, (1, 1), products) * _pairwise(ch.gates, C), 0.0)
+    T = unit_tril_inverse(A, products)
+    return T, dot(T, ch.beta * _scaled(k, ch.gates.from_start).astype(F32), products=products)
+
+
+def chunk_new_values(T, W, k, v, ch: DeltaChunk, ST, products: str):
+    """From a chunk's stored ``T`` and ``W``: ``(V' = T (β ⊙ V) - W S [C, BV], Sᵀ after the chunk)``."""
+    Vn = dot(T, ch.beta * v.astype(F32), products=products) - dot(W, ST, (1, 1), products)
+    return Vn, _decay_state(ST, ch.gates.total) + dot(Vn, _scaled(k, ch.gates.to_end), (0, 0), products)
+
+
+def chunk_output(q, k, Vn, ch: DeltaChunk, ST, products: str):
+    """A chunk's output from its new values ``V'`` and entering state: ``(Q ⊙ γ) S + P V'``."""
+    P = dot(q, k, (1, 1), products) * _pairwise(ch.gates, q.shape[0])
+    return dot(_scaled(q, ch.gates.from_start), ST, (1, 1), products) + dot(P, Vn, products=products)
+
+
+def chunk_local_dv(q, k, do, ch: DeltaChunk, products: str):
+    """The part of ``dV'`` within the chunk, ``Pᵀ dO [C, BV]`` (no state involved)."""
+    P = dot(q, k, (1, 1), products) * _pairwise(ch.gates, q.shape[0])
+    return dot(P, do, (0, 0), products)
+
+
+def chunk_light_state_grad(q, k, W, do, local_dv, ch: DeltaChunk, dST, products: str):
+    """The entering state's cotangent from the stored ``W`` and ``Pᵀ dO``:
+    ``γ_C dS' + (Q ⊙ γ)ᵀ dO - Wᵀ dV'`` with ``dV' = Pᵀ dO + (K ⊙ e^{G_C - G}) dS'``."""
+    dVn = local_dv + dot(_scaled(k, ch.gates.to_end), dST, (1, 1), products)
+    return (_decay_state(dST, ch.gates.total) + dot(do, _scaled(q, ch.gates.from_start), (0, 0), products)
+            - dot(dVn, W, (0, 0), products))
+
+
 def chunk_forward(q, k, v, ch: DeltaChunk, ST, mode, sub: int, products: str):
     """One chunk forward: ``(o [C, BV] float32, Sᵀ after the chunk [BV, K] float32)``."""
     p = products

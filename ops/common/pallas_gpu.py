@@ -8,7 +8,9 @@ state ``Sᵀ [BV, K]`` in registers.  Two schedules (``KernelSpec.schedule``):
   only ``rows·heads·value blocks`` programs run, which can leave a large GPU partly idle;
 * ``"two_phase"``: the sequential walk only carries states (``[BV, K]`` per chunk, cheap) and
   stores the state entering each chunk (or the cotangent leaving it); then one program per
-  (row·head, value block, chunk) computes the outputs or ``dq, dk, dv`` in parallel.
+  (row·head, value block, chunk) computes the outputs or ``dq, dk, dv`` in parallel.  For the
+  delta rules the chunk's transform (the triangular inverse) is also moved off the sequential
+  walk, into a chunk-parallel kernel (:mod:`.pallas_gpu_delta`).
 
 The per-chunk mathematics is shared with the TPU kernels (:mod:`.kernel_math` for the diagonal
 decays, :mod:`.delta_kernel_math` for the delta rules); packing follows the same chunk-plan tables
@@ -30,25 +32,25 @@ from jax.experimental.pallas import triton as pltr
 from .kernel_spec import KernelSpec, kernel_name, math_of, optional_outputs, out_struct
 
 
-def _whole(shape):
+def whole_block(shape):
     return pl.BlockSpec(shape, lambda bh, iv: (0,) * len(shape))
 
 
-def _gate_specs(spec: KernelSpec, Tp: int, NC: int):
+def row_gate_specs(spec: KernelSpec, Tp: int, NC: int):
     """Whole-row block specs of the extra inputs (gate tables, the delta rules' step)."""
     C = spec.chunk_size
     return [pl.BlockSpec((None, Tp, width), lambda bh, iv: (bh, 0, 0)) if kind == "col"
             else pl.BlockSpec((None, NC, 1, C), lambda bh, iv: (bh, 0, 0, 0)) for kind, width in spec.extra_inputs]
 
 
-def _load_gates(spec: KernelSpec, gate_refs, n):
+def load_chunk_gates(spec: KernelSpec, gate_refs, n):
     C = spec.chunk_size
     values = [ref[pl.ds(n * C, C), :] if kind == "col" else ref[n]
               for (kind, _), ref in zip(spec.extra_inputs, gate_refs)]
     return math_of(spec).chunk_gates(spec.mode, values)
 
 
-def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args, interpret, name: str):
+def launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args, interpret, name: str):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           compiler_params=pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages),
                           interpret=interpret, name=kernel_name(spec, name))(*args)
@@ -58,7 +60,11 @@ def _launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args
 def forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSpec, store_states=False, emit_output=True,
             want_final=True, interpret=False):
     """Same contract as :func:`.pallas_tpu.forward`; ``spec.schedule`` picks the fused or the
-    two-phase schedule."""
+    two-phase schedule (for the delta rules, :mod:`.pallas_gpu_delta`'s)."""
+    if spec.schedule == "two_phase" and spec.family == "delta":
+        from . import pallas_gpu_delta
+        return pallas_gpu_delta.forward(q, k, v, gates, h0T, first, last, seq, spec=spec, store_states=store_states,
+                                        emit_output=emit_output, want_final=want_final, interpret=interpret)
     if spec.schedule == "two_phase" and emit_output:
         _, finalT, statesT = _sequential_forward(q, k, v, gates, h0T, first, last, seq, spec=spec, store_states=True,
                                                  emit_output=False, want_final=want_final, interpret=interpret)
@@ -79,17 +85,17 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
     in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
-                *_gate_specs(spec, Tp, NC), _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+                *row_gate_specs(spec, Tp, NC), whole_block((R, NC)), whole_block((R, NC)), whole_block((R, NC))]
     args = [q, k, v, *gates, first, last, seq]
     if h0T is not None:
-        in_specs.append(_whole((N, H, V, K)))
+        in_specs.append(whole_block((N, H, V, K)))
         args.append(h0T)
     out_specs, out_shape = [], []
     if emit_output:
         out_specs.append(pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)))
         out_shape.append(out_struct((BH, Tp, V), jnp.float32, q))
     if want_final:
-        out_specs.append(_whole((N, H, V, K)))
+        out_specs.append(whole_block((N, H, V, K)))
         out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     if store_states:
         out_specs.append(pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0)))
@@ -117,7 +123,7 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
             if states_ref is not None:
                 states_ref[n] = ST
             rows = pl.ds(n * C, C)
-            g = _load_gates(spec, gate_refs, n)
+            g = load_chunk_gates(spec, gate_refs, n)
             if o_ref is not None:
                 o, ST_next = math_of(spec).chunk_forward(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], g, ST,
                                                          spec.mode, spec.sub_chunk_size, spec.products)
@@ -132,7 +138,7 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "fwd")
+    outs = launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "fwd")
     return optional_outputs(outs, emit_output, want_final, store_states)
 
 
@@ -140,11 +146,15 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
 def backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec: KernelSpec, has_h0: bool,
              interpret=False):
     """Same contract as :func:`.pallas_tpu.backward`; ``spec.schedule`` picks the fused or the
-    two-phase schedule."""
+    two-phase schedule (for the delta rules, :mod:`.pallas_gpu_delta`'s)."""
+    if spec.schedule == "two_phase" and spec.family == "delta":
+        from . import pallas_gpu_delta
+        return pallas_gpu_delta.backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec,
+                                         has_h0=has_h0, interpret=interpret)
     if spec.schedule == "two_phase":
         dstatesT, dh0T = _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec,
                                       has_h0=has_h0, interpret=interpret)
-        dq, dk, dv, *extras = _parallel_grads(q, k, v, gates, do, statesT, dstatesT, spec=spec, interpret=interpret)
+        dq, dk, dv, *extras = parallel_grads(q, k, v, gates, do, statesT, dstatesT, spec=spec, interpret=interpret)
         return dq, dk, dv, dh0T, tuple(extras)
     return _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq, spec=spec, has_h0=has_h0,
                                 interpret=interpret)
@@ -161,13 +171,13 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
     in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
-                *_gate_specs(spec, Tp, NC),
+                *row_gate_specs(spec, Tp, NC),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
                 pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0)),
-                _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+                whole_block((R, NC)), whole_block((R, NC)), whole_block((R, NC))]
     args = [q, k, v, *gates, do, statesT, first, last, seq]
     if dfinalT is not None:
-        in_specs.append(_whole((N, H, V, K)))
+        in_specs.append(whole_block((N, H, V, K)))
         args.append(dfinalT)
     out_specs = [pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
                  pl.BlockSpec((None, None, Tp, K), lambda bh, iv: (iv, bh, 0, 0)),
@@ -176,7 +186,7 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
                  out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((BH, Tp, V), jnp.float32, q)]
     if has_h0:
-        out_specs.append(_whole((N, H, V, K)))
+        out_specs.append(whole_block((N, H, V, K)))
         out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     n_extra = spec.num_extra_grads
     out_specs += [pl.BlockSpec((None, None, Tp, 1), lambda bh, iv: (iv, bh, 0, 0))] * n_extra
@@ -204,7 +214,7 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
             else:
                 dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
             rows = pl.ds(n * C, C)
-            g = _load_gates(spec, gate_refs, n)
+            g = load_chunk_gates(spec, gate_refs, n)
             dq, dk, dv, dST_prev, extras = math_of(spec).chunk_backward(
                 q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], g, states_ref[n], dST, spec.mode,
                 spec.sub_chunk_size, spec.products)
@@ -221,18 +231,18 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd")
+    outs = launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd")
     dq, dk, dv, dh0T = optional_outputs(outs[:len(outs) - n_extra], True, True, True, has_h0)
     return dq, dk, dv, dh0T, tuple(outs[len(outs) - n_extra:])
 
 
-def _parallel_gate_specs(spec: KernelSpec):
+def chunk_gate_specs(spec: KernelSpec):
     C = spec.chunk_size
     return [pl.BlockSpec((None, C, width), lambda bh, iv, n: (bh, n, 0)) if kind == "col"
             else pl.BlockSpec((None, None, 1, C), lambda bh, iv, n: (bh, n, 0, 0)) for kind, width in spec.extra_inputs]
 
 
-def _parallel_gates(spec: KernelSpec, gate_refs):
+def chunk_gates_of(spec: KernelSpec, gate_refs):
     return math_of(spec).chunk_gates(spec.mode, [ref[...] for ref in gate_refs])
 
 
@@ -251,12 +261,12 @@ def _parallel_output(q, k, v, gates, statesT, *, spec: KernelSpec, interpret):
         q_ref, k_ref, v_ref = refs[:3]
         gate_refs = refs[3:3 + n_gates]
         states_ref, o_ref = refs[3 + n_gates:]
-        g = _parallel_gates(spec, gate_refs)
+        g = chunk_gates_of(spec, gate_refs)
         o, _ = math_of(spec).chunk_forward(q_ref[...], k_ref[...], v_ref[...], g, states_ref[...], spec.mode,
                                            spec.sub_chunk_size, spec.products)
         o_ref[...] = o
 
-    return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), st], vb,
+    return launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *chunk_gate_specs(spec), st], vb,
                    out_struct((BH, Tp, V), jnp.float32, q), (q, k, v, *gates, statesT), interpret, "fwd_out")
 
 
@@ -271,9 +281,9 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
     NC, NV = Tp // C, V // BV
     R = first.shape[0]
     delta = spec.family == "delta"
-    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)), *_gate_specs(spec, Tp, NC),
+    in_specs = [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)), *row_gate_specs(spec, Tp, NC),
                 pl.BlockSpec((None, Tp, BV), lambda bh, iv: (bh, 0, iv)),
-                _whole((R, NC)), _whole((R, NC)), _whole((R, NC))]
+                whole_block((R, NC)), whole_block((R, NC)), whole_block((R, NC))]
     args = [q, *gates, do, first, last, seq]
     if delta:
         in_specs += [pl.BlockSpec((None, Tp, K), lambda bh, iv: (spec.key_row(bh), 0, 0)),
@@ -281,12 +291,12 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
                      pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
         args += [k, v, statesT]
     if dfinalT is not None:
-        in_specs.append(_whole((N, H, V, K)))
+        in_specs.append(whole_block((N, H, V, K)))
         args.append(dfinalT)
     out_specs = [pl.BlockSpec((None, NC, BV, K), lambda bh, iv: (bh, 0, iv, 0))]
     out_shape = [out_struct((BH, NC, V, K), jnp.float32, q)]
     if has_h0:
-        out_specs.append(_whole((N, H, V, K)))
+        out_specs.append(whole_block((N, H, V, K)))
         out_shape.append(out_struct((N, H, V, K), jnp.float32, q))
     n_gates, has_dfinal = len(gates), dfinalT is not None
 
@@ -314,7 +324,7 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
             load = lambda ref, at: None if ref is None else ref[at]
             dST_prev = math_of(spec).chunk_state_grad(
                 q_ref[rows, :], load(k_ref, (rows, slice(None))), load(v_ref, (rows, slice(None))), do_ref[rows, :],
-                _load_gates(spec, gate_refs, n), load(states_ref, n), dST, spec.products)
+                load_chunk_gates(spec, gate_refs, n), load(states_ref, n), dST, spec.products)
             if dh0_ref is not None:
                 @pl.when(first_ref[r, n] == 1)
                 def _():
@@ -323,11 +333,11 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
 
-    outs = _launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd_states")
+    outs = launch(kernel, spec, (BH, NV), in_specs, out_specs, out_shape, args, interpret, "bwd_states")
     return optional_outputs(outs, True, has_h0)
 
 
-def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, interpret):
+def parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, interpret):
     """Every chunk at once: ``dq, dk`` (partial over value blocks) and ``dv`` from the entering
     states and the cotangents of the leaving states."""
     Tp, K = q.shape[1:]
@@ -345,7 +355,7 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
         q_ref, k_ref, v_ref = refs[:3]
         gate_refs = refs[3:3 + n_gates]
         do_ref, states_ref, dstates_ref, dq_ref, dk_ref, dv_ref, *extra_refs = refs[3 + n_gates:]
-        g = _parallel_gates(spec, gate_refs)
+        g = chunk_gates_of(spec, gate_refs)
         dq, dk, dv, _, extras = math_of(spec).chunk_backward(q_ref[...], k_ref[...], v_ref[...], do_ref[...], g,
                                                              states_ref[...], dstates_ref[...], spec.mode,
                                                              spec.sub_chunk_size, spec.products)
@@ -358,6 +368,6 @@ def _parallel_grads(q, k, v, gates, do, statesT, dstatesT, *, spec: KernelSpec, 
     out_shape = [out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((NV, BH, Tp, K), jnp.float32, q),
                  out_struct((BH, Tp, V), jnp.float32, q)] + [out_struct((NV, BH, Tp, 1), jnp.float32, q)] * n_extra
-    return _launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *_parallel_gate_specs(spec), vb, st, st],
+    return launch(kernel, spec, (BH, NV, NC), [qk, qk, vb, *chunk_gate_specs(spec), vb, st, st],
                    [part, part, vb] + [column] * n_extra, out_shape, (q, k, v, *gates, do, statesT, dstatesT),
                    interpret, "bwd_chunks")
