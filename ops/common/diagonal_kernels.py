@@ -15,6 +15,10 @@ takes the same :class:`~.prepare.Inputs` and returns the same ``(o, final)``.  A
 Forward: one sequential kernel, nothing stored but the inputs.  Backward: one pass recomputes the
 state entering every chunk (``[rows·heads, chunks, V, K]``, linear in T), one reverse pass
 computes ``dq, dk, dv`` and the initial state's gradient.
+
+The layout helpers, the kernel spec, the tuning and interpreter contexts and the dispatch
+(:func:`chunk_diagonal_dispatch` with a ``runner``) are shared with the delta rules'
+kernels (:mod:`.delta_kernels`).
 """
 
 from __future__ import annotations
@@ -266,7 +270,7 @@ def _gates(spec: KernelSpec, g):
 
 def _forward(q, k, v, g, h0T, first, last, seq, spec, platform, interpret, **kw):
     return backend_module(platform).forward(q, k, v, _gates(spec, g), h0T, first, last, seq, spec=spec,
-                                      interpret=interpret, **kw)
+                                            interpret=interpret, **kw)
 
 
 def _kernel_op_fwd(q, k, v, g, h0T, first, last, seq, spec, platform, interpret):
