@@ -11,7 +11,8 @@ forward
   3. one program per (row·head, value block, chunk): ``O = (Q ⊙ γ) S + P V'``;
 
 backward
-  1-2. as above (states recomputed, with ``T``, ``W``);
+  1-2. the entering states come from the custom VJP's recomputation (forward steps 1-2); ``W``
+     is computed again (step 1);
   3. per chunk in parallel, the chunk-local part of ``dV'``: ``Pᵀ dO``;
   4. the light reverse walk: ``dS = γ_C dS' + (Q ⊙ γ)ᵀ dO - Wᵀ (Pᵀ dO + (K ⊙ e^{G_C - G}) dS')``,
      storing the cotangent leaving every chunk;
