@@ -506,8 +506,9 @@ def format_tables(report: dict) -> str:
     tuning = tuning_label(KernelTuning(**report["tuning"]["choice"]))
     lines += [f"jax {env['jax']}, jaxlib {env['jaxlib']}, torch {env['torch']}, triton {env['triton']}, "
               f"fla {fla_text}; kernel tuning ({report['tuning']['platform']}): {tuning}; "
-              f"bf16 q, k, v, float32 gates; medians of {report['timing']['reps']} interleaved samples, "
-              f"milliseconds; `a/b` = time(a) / time(b).", ""]
+              f"bf16 q, k, v (and the delta rules' beta), float32 gates; "
+              f"medians of {report['timing']['reps']} interleaved samples, milliseconds; "
+              "`a/b` = time(a) / time(b).", ""]
     if not report["smoke_test"]:
         goal = report["goal"]
         lines += [f"Goal shape {tuple(goal['shape'])} forward+backward, targets "
