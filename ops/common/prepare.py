@@ -79,7 +79,7 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
       qk_l2norm: L2-normalise q and k before scaling.
       names: how the caller's signature names the gates in error messages, e.g. ``{"gk": "g"}``.
       repeat_key_heads: with grouped values, repeat q and k to HV heads (False: keep H heads;
-        the consumer maps value head hv to key head ``hv // (HV / H)``, see :func:`repeat_key_heads`).
+        the consumer maps value head hv to key head ``hv // (HV / H)``, see :func:`with_repeated_key_heads`).
     """
     B, T, H, K, V = checks.check_qkv(q, k, v, grouped_values=grouped_values)
     for name, flag in (("output_final_state", output_final_state), ("state_v_first", state_v_first),
@@ -132,7 +132,7 @@ def prepare(q, k, v, *, scale=None, initial_state=None, output_final_state: bool
                   bool(output_final_state), bool(state_v_first))
 
 
-def repeat_key_heads(x: Inputs) -> Inputs:
+def with_repeated_key_heads(x: Inputs) -> Inputs:
     """``x`` with q and k repeated to the value heads (a no-op when they already match)."""
     G = x.v.shape[2] // x.q.shape[2]
     if G == 1:

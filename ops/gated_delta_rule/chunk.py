@@ -6,7 +6,7 @@ from ..common import checks
 from ..common.delta import chunk_delta, transitions
 from ..common.delta_kernels import run_delta_kernels
 from ..common.diagonal_kernels import chunk_diagonal_dispatch
-from ..common.prepare import finish, prepare, repeat_key_heads
+from ..common.prepare import finish, prepare, with_repeated_key_heads
 
 
 def gate_arguments(use_gate_in_kernel, A_log, dt_bias) -> dict:
@@ -76,7 +76,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
 def _chunk_delta_grouped(x, chunk_size: int):
     """The XLA chunk form, q and k repeated over the grouped value heads first."""
-    return chunk_delta(repeat_key_heads(x), chunk_size)
+    return chunk_delta(with_repeated_key_heads(x), chunk_size)
 
 
 def chunk_gated_transitions(k, v, g, beta, *, use_qk_l2norm_in_kernel=False, use_beta_sigmoid_in_kernel=False,
