@@ -50,6 +50,35 @@ def load_chunk_gates(spec: KernelSpec, gate_refs, n):
     return math_of(spec).chunk_gates(spec.mode, values)
 
 
+class SequenceEdges:
+    """Where the sequences of a sequential program (one row·head and value block) start and end:
+    the chunk plan's tables decide where a carried state restarts from a sequence's initial state
+    (or, walking back, from its final state's cotangent) and where one is written out."""
+
+    def __init__(self, spec: KernelSpec, seq_ref):
+        bh, iv = pl.program_id(0), pl.program_id(1)
+        self.seq = seq_ref
+        self.r, self.h = jax.lax.div(bh, spec.num_heads), jax.lax.rem(bh, spec.num_heads)
+        self.cols = pl.ds(iv * spec.block_v, spec.block_v)
+
+    def restart(self, carry, n, flags, source_ref):
+        """``carry`` at chunk n, replaced where ``flags`` marks n by ``source_ref``'s block of n's
+        sequence (by zeros without a source)."""
+        at = flags[self.r, n] == 1
+        if source_ref is None:
+            return jnp.where(at, 0.0, carry)
+        return jax.lax.cond(at, lambda: source_ref[self.seq[self.r, n], self.h, self.cols, :], lambda: carry)
+
+    def emit(self, n, flags, out_ref, value):
+        """Writes ``value`` into ``out_ref``'s block of n's sequence where ``flags`` marks n."""
+        if out_ref is None:
+            return
+
+        @pl.when(flags[self.r, n] == 1)
+        def _():
+            out_ref[self.seq[self.r, n], self.h, self.cols, :] = value
+
+
 def launch(kernel, spec: KernelSpec, grid, in_specs, out_specs, out_shape, args, interpret, name: str):
     return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
                           compiler_params=pltr.CompilerParams(num_warps=spec.num_warps, num_stages=spec.num_stages),
@@ -111,15 +140,10 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
         o_ref = rest.pop(0) if emit_output else None
         final_ref = rest.pop(0) if want_final else None
         states_ref = rest.pop(0) if store_states else None
-        bh, iv = pl.program_id(0), pl.program_id(1)
-        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+        edges = SequenceEdges(spec, seq_ref)
 
         def step(n, ST):
-            s = seq_ref[r, n]
-            if h0_ref is None:
-                ST = jnp.where(first_ref[r, n] == 1, 0.0, ST)
-            else:
-                ST = jax.lax.cond(first_ref[r, n] == 1, lambda: h0_ref[s, h, cols, :], lambda: ST)
+            ST = edges.restart(ST, n, first_ref, h0_ref)
             if states_ref is not None:
                 states_ref[n] = ST
             rows = pl.ds(n * C, C)
@@ -130,10 +154,7 @@ def _sequential_forward(q, k, v, gates, h0T, first, last, seq, *, spec: KernelSp
                 o_ref[rows, :] = o
             else:
                 ST_next = math_of(spec).chunk_state(k_ref[rows, :], v_ref[rows, :], g, ST, spec.products)
-            if final_ref is not None:
-                @pl.when(last_ref[r, n] == 1)
-                def _():
-                    final_ref[s, h, cols, :] = ST_next
+            edges.emit(n, last_ref, final_ref, ST_next)
             return ST_next
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
@@ -203,16 +224,11 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
         dq_ref, dk_ref, dv_ref = rest.pop(0), rest.pop(0), rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
         extra_refs = rest
-        bh, iv = pl.program_id(0), pl.program_id(1)
-        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+        edges = SequenceEdges(spec, seq_ref)
 
         def step(i, dST):
             n = NC - 1 - i
-            s = seq_ref[r, n]
-            if dfinal_ref is None:
-                dST = jnp.where(last_ref[r, n] == 1, 0.0, dST)
-            else:
-                dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
+            dST = edges.restart(dST, n, last_ref, dfinal_ref)
             rows = pl.ds(n * C, C)
             g = load_chunk_gates(spec, gate_refs, n)
             dq, dk, dv, dST_prev, extras = math_of(spec).chunk_backward(
@@ -223,10 +239,7 @@ def _sequential_backward(q, k, v, gates, do, statesT, dfinalT, first, last, seq,
             dv_ref[rows, :] = dv
             for ref, value in zip(extra_refs, extras):
                 ref[rows, :] = value
-            if dh0_ref is not None:
-                @pl.when(first_ref[r, n] == 1)
-                def _():
-                    dh0_ref[s, h, cols, :] = dST_prev
+            edges.emit(n, first_ref, dh0_ref, dST_prev)
             return dST_prev
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
@@ -309,26 +322,18 @@ def _state_grads(q, k, v, gates, do, statesT, dfinalT, first, last, seq, *, spec
         dfinal_ref = rest.pop(0) if has_dfinal else None
         dstates_ref = rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
-        bh, iv = pl.program_id(0), pl.program_id(1)
-        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+        edges = SequenceEdges(spec, seq_ref)
 
         def step(i, dST):
             n = NC - 1 - i
-            s = seq_ref[r, n]
-            if dfinal_ref is None:
-                dST = jnp.where(last_ref[r, n] == 1, 0.0, dST)
-            else:
-                dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
+            dST = edges.restart(dST, n, last_ref, dfinal_ref)
             dstates_ref[n] = dST
             rows = pl.ds(n * C, C)
             load = lambda ref, at: None if ref is None else ref[at]
             dST_prev = math_of(spec).chunk_state_grad(
                 q_ref[rows, :], load(k_ref, (rows, slice(None))), load(v_ref, (rows, slice(None))), do_ref[rows, :],
                 load_chunk_gates(spec, gate_refs, n), load(states_ref, n), dST, spec.products)
-            if dh0_ref is not None:
-                @pl.when(first_ref[r, n] == 1)
-                def _():
-                    dh0_ref[s, h, cols, :] = dST_prev
+            edges.emit(n, first_ref, dh0_ref, dST_prev)
             return dST_prev
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))

@@ -31,6 +31,7 @@ from jax.experimental import pallas as pl
 from . import delta_kernel_math as dm
 from .kernel_spec import KernelSpec, out_struct
 from .pallas_gpu import (
+    SequenceEdges,
     chunk_gate_specs,
     chunk_gates_of,
     launch,
@@ -118,24 +119,16 @@ def _light_states(k, v, gates, T, W, h0T, first, last, seq, *, spec: KernelSpec,
         h0_ref = rest.pop(0) if has_h0 else None
         states_ref, Vn_ref = rest.pop(0), rest.pop(0)
         final_ref = rest.pop(0) if want_final else None
-        bh, iv = pl.program_id(0), pl.program_id(1)
-        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+        edges = SequenceEdges(spec, seq_ref)
 
         def step(n, ST):
-            s = seq_ref[r, n]
-            if h0_ref is None:
-                ST = jnp.where(first_ref[r, n] == 1, 0.0, ST)
-            else:
-                ST = jax.lax.cond(first_ref[r, n] == 1, lambda: h0_ref[s, h, cols, :], lambda: ST)
+            ST = edges.restart(ST, n, first_ref, h0_ref)
             states_ref[n] = ST
             rows = pl.ds(n * C, C)
             Vn, ST_next = dm.chunk_new_values(T_ref[n], W_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
                                               load_chunk_gates(spec, gate_refs, n), ST, spec.products)
             Vn_ref[rows, :] = Vn
-            if final_ref is not None:
-                @pl.when(last_ref[r, n] == 1)
-                def _():
-                    final_ref[s, h, cols, :] = ST_next
+            edges.emit(n, last_ref, final_ref, ST_next)
             return ST_next
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
@@ -220,25 +213,17 @@ def _light_state_grads(q, k, gates, W, do, local_dv, dfinalT, first, last, seq, 
         dfinal_ref = rest.pop(0) if has_dfinal else None
         dstates_ref = rest.pop(0)
         dh0_ref = rest.pop(0) if has_h0 else None
-        bh, iv = pl.program_id(0), pl.program_id(1)
-        r, h, cols = jax.lax.div(bh, H), jax.lax.rem(bh, H), pl.ds(iv * BV, BV)
+        edges = SequenceEdges(spec, seq_ref)
 
         def step(i, dST):
             n = NC - 1 - i
-            s = seq_ref[r, n]
-            if dfinal_ref is None:
-                dST = jnp.where(last_ref[r, n] == 1, 0.0, dST)
-            else:
-                dST = jax.lax.cond(last_ref[r, n] == 1, lambda: dfinal_ref[s, h, cols, :], lambda: dST)
+            dST = edges.restart(dST, n, last_ref, dfinal_ref)
             dstates_ref[n] = dST
             rows = pl.ds(n * C, C)
             dST_prev = dm.chunk_light_state_grad(q_ref[rows, :], k_ref[rows, :], W_ref[rows, :], do_ref[rows, :],
                                                  dv_ref[rows, :], load_chunk_gates(spec, gate_refs, n), dST,
                                                  spec.products)
-            if dh0_ref is not None:
-                @pl.when(first_ref[r, n] == 1)
-                def _():
-                    dh0_ref[s, h, cols, :] = dST_prev
+            edges.emit(n, first_ref, dh0_ref, dST_prev)
             return dST_prev
 
         jax.lax.fori_loop(0, NC, step, jnp.zeros((BV, K), jnp.float32))
