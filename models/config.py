@@ -25,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import jax.numpy as jnp
+
 from ..ops.feature_maps import FEATURE_MAPS
 from ..ops.simple_gla import LIGHTNING_DECAYS
 from ..parallelism.ring import MODES as SEQUENCE_ATTENTION_MODES
@@ -41,6 +43,8 @@ MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softm
                  "baseconv": "conv"}
 MIXER_NAMES = tuple(MIXER_LETTERS.values())
 HEDGEHOG_FORMS = ("fla", "lolcats")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+REMAT_POLICIES = ("none", "dots", "full")
 
 
 def parse_pattern(pattern: str) -> tuple[str, ...]:
@@ -100,6 +104,10 @@ class ModelConfig:
     mom_topk: int = 2
     mom_shared_memory: bool = True
     aux_loss_weight: float = 0.01        # MoM load-balancing loss weight (already in the aux)
+    dtype: str = "float32"               # compute dtype of projections and activations: float32 | bfloat16 | float16
+    param_dtype: str = "float32"         # dtype the parameters are stored (and trained) in
+    scan_layers: bool = False            # run each repeat of the pattern under one lax.scan over stacked layers
+    remat: str = "none"                  # per layer (or per scanned repeat): none | dots | full
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "window",
@@ -144,6 +152,17 @@ class ModelConfig:
                              f"got {self.lightning_decay!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"model.implementation must be None, 'xla' or 'pallas', got {self.implementation!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"model.scan_layers must be a bool, got {self.scan_layers!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.scan_layers and "lightning" in kinds:
+            raise ValueError("model.scan_layers = True cannot stack Lightning layers (N): their decay "
+                             "depends on the layer's depth, so repeats of the pattern differ; set "
+                             "model.scan_layers = False")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"model.normalize must be a bool, got {self.normalize!r}")
         if "gla" in kinds and (not self.gla_expand_k > 0 or (self.gla_expand_k * self.head_size) % 1):
@@ -169,6 +188,21 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def compute_dtype(self):
+        """``dtype`` as a jnp dtype."""
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        """``param_dtype`` as a jnp dtype."""
+        return DTYPES[self.param_dtype]
+
+    @property
+    def pattern_length(self) -> int:
+        """Layers in one repeat of the pattern (what a scanned model stacks)."""
+        return len(parse_pattern(self.pattern))
 
     @property
     def kv_heads(self) -> int:

@@ -14,11 +14,45 @@ outputs).  Names missing from ``parallelism.rules.LOGICAL_RULES`` are replicated
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 default_kernel_init = nnx.initializers.lecun_normal()
+
+# (compute dtype, parameter dtype) of the layers built in the current `dtypes` scope.
+_DTYPES = contextvars.ContextVar("lolax_layer_dtypes", default=(None, jnp.float32))
+
+
+@contextlib.contextmanager
+def dtypes(compute=None, params=jnp.float32):
+    """Layers built inside compute in ``compute`` (None: their inputs' dtype, float32 in
+    practice) and store their parameters in ``params``.
+
+    :class:`lolax.models.LanguageModel` builds its layers inside this scope from
+    ``model.dtype`` / ``model.param_dtype``; a mixer built on its own outside any scope is
+    float32 throughout.
+
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> with dtypes(jnp.bfloat16):
+    ...     layer = dense(4, 8, ("embed", "mlp"), nnx.Rngs(0))
+    >>> layer(jnp.ones((2, 4))).dtype, layer.kernel[...].dtype
+    (dtype(bfloat16), dtype('float32'))
+    """
+    token = _DTYPES.set((compute, params))
+    try:
+        yield
+    finally:
+        _DTYPES.reset(token)
+
+
+def compute_dtype():
+    """The compute dtype of the current :func:`dtypes` scope (None outside one)."""
+    return _DTYPES.get()[0]
 
 
 def logical(init, *names: str):
@@ -30,13 +64,17 @@ def param(value: jax.Array, *names: str) -> nnx.Param:
     """An ``nnx.Param`` holding ``value`` with logical axis ``names`` (one per dimension)."""
     if len(names) != value.ndim:
         raise ValueError(f"need one logical name per dimension of shape {value.shape}, got {names}")
+    if jnp.issubdtype(value.dtype, jnp.floating):
+        value = value.astype(_DTYPES.get()[1])
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 def dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, init=default_kernel_init,
           use_bias: bool = False) -> nnx.Linear:
     kw = {"bias_init": logical(nnx.initializers.zeros_init(), names[1])} if use_bias else {}
-    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=logical(init, *names), rngs=rngs, **kw)
+    compute, params = _DTYPES.get()
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=logical(init, *names), rngs=rngs,
+                      dtype=compute, param_dtype=params, **kw)
 
 
 def rms_normalize(x: jax.Array, eps: float) -> jax.Array:
