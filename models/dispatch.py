@@ -65,16 +65,17 @@ def linear(family: str, q, k, v, *, form: str = "chunk", chunk_size: int = 64, i
 
 
 def attention(q, k, v, *, scale: float | None = None, window: int | None = None, cu_seqlens=None, valid=None,
-              sequence_mode: str = "ring"):
+              sequence_mode: str = "ring", implementation: str | None = None):
     """Causal softmax attention, ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (Hkv divides H).
 
     ``window``: query i attends keys ``i - window < j <= i`` (``window`` keys including itself);
     ``cu_seqlens [N + 1]``: packed sequences (B == 1), no attention across them; ``valid [B, T]``:
     padding keys are never attended (reference masked path, used for padded prompts);
     ``sequence_mode``: how keys and values travel when the sequence is sharded (``ring``,
-    ``ulysses`` or ``allgather``).  Otherwise runs ``softmax_attention`` /
-    ``sliding_window_attention`` (blockwise, memory O(T * block)).  Returns ``o [B, T, H, D]`` in
-    v's dtype.
+    ``ulysses`` or ``allgather``).  Otherwise (no sequence mesh, no padding) runs
+    :func:`lolax.ops.attention.attention` with ``implementation`` (``None``: cuDNN on CUDA GPUs
+    and splash on TPUs when they take the inputs, the blockwise XLA form otherwise; ``"xla"``;
+    ``"pallas"``: the vendor kernel or an error).  Returns ``o [B, T, H, D]`` in q's dtype.
     """
     mesh = sequence_mesh()
     if mesh is not None:
@@ -83,10 +84,8 @@ def attention(q, k, v, *, scale: float | None = None, window: int | None = None,
         return sequence_parallel_attention(q, k, v, mesh=mesh, axis_name=SEQUENCE_AXIS, mode=sequence_mode,
                                            window=window, scale=scale)
     if valid is None:
-        block = min(128, q.shape[1])
-        if window is None:
-            return ops_attention.softmax_attention(q, k, v, scale, True, cu_seqlens, block_size=block)
-        return ops_attention.sliding_window_attention(q, k, v, window, scale, cu_seqlens, block_size=block)
+        return ops_attention.attention(q, k, v, scale=scale, window=window, cu_seqlens=cu_seqlens,
+                                       implementation=implementation)
     T = q.shape[1]
     t = jnp.arange(T)
     mask = t[:, None] >= t[None, :]

@@ -25,6 +25,7 @@ class SoftmaxAttention(Mixer):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
         self.rope_theta, self.window = cfg.rope_theta, window
         self.sequence_attention = cfg.sequence_attention
+        self.implementation = cfg.implementation
         self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
         self.k_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
         self.v_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
@@ -46,7 +47,7 @@ class SoftmaxAttention(Mixer):
         if mode == "step":
             return self._decode(q, k, v, cache, index)
         o = dispatch.attention(q, k, v, window=self.window, cu_seqlens=ctx.cu_seqlens, valid=ctx.valid,
-                               sequence_mode=self.sequence_attention)
+                               sequence_mode=self.sequence_attention, implementation=self.implementation)
         y = self.o_proj(o.reshape(b, t, -1))
         new_cache = None
         if mode == "prefill":
