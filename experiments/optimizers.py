@@ -37,6 +37,15 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
     return factory(schedule, **kwargs)
 
 
+def check_layer_layout(optim_cfg: ml_collections.ConfigDict, scan_layers: bool) -> None:
+    """The low-rank methods project every matrix leaf as one matrix; a scanned model stacks its
+    layers' matrices into ``[repeats, in, out]`` leaves, which they would project as one."""
+    if scan_layers and optim_cfg.name != "adamw":
+        raise ValueError(f"optim.name = {optim_cfg.name!r} projects each parameter leaf as one matrix, but "
+                         "model.scan_layers = True stacks every layer's matrices into one [repeats, in, out] "
+                         "leaf; use optim.name = 'adamw' or model.scan_layers = False")
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
     schedule = learning_rate_schedule(cfg, total_steps)
     tx = _optimizer(cfg, schedule)

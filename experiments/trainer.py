@@ -23,7 +23,7 @@ from experiments.checkpoint import Checkpointer, abstract_like, check_compatible
 from experiments.configs.presets import apply_preset
 from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_corpus
 from experiments.metrics import MetricsWriter, plot_loss
-from experiments.optimizers import make_optimizer
+from experiments.optimizers import check_layer_layout, make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
 from lolax import optim
 from lolax.models import ModelConfig, count_params, generate
@@ -78,6 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     config_dict = config.to_dict()
     check_compatible(workdir, config_dict)
     model_cfg = model_config(config.model)
+    check_layer_layout(config.optim, model_cfg.scan_layers)
     d, t = config.data, config.train
 
     corpus = load_corpus(d.path, d.val_fraction)
