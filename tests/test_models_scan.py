@@ -192,3 +192,19 @@ def test_training_refuses_low_rank_optimizers_on_stacked_layers(tmp_path):
     c.model.scan_layers, c.optim.name = True, "galore"
     with pytest.raises(ValueError, match="model.scan_layers"):
         train(c, str(tmp_path), show_progress=False)
+
+
+def test_accelerator_config_traces_one_training_step():
+    from experiments.configs.lm_accelerator import get_config
+    from experiments.optimizers import make_optimizer
+    from experiments.train_state import init_state, make_train_step
+    from experiments.trainer import model_config
+    c = get_config()
+    cfg = model_config(c.model)
+    assert (cfg.dtype, cfg.scan_layers, cfg.implementation) == ("bfloat16", True, None)
+    tx = make_optimizer(c.optim, c.train.steps)
+    graphdef, state = nnx.eval_shape(lambda: init_state(cfg, tx, 0))   # traced only: no 350M arrays
+    assert 3.3e8 < sum(x.size for x in jax.tree.leaves(state.params)) < 3.7e8
+    tokens = jax.ShapeDtypeStruct((c.data.batch_size, c.data.seq_len), jnp.int32)
+    _, metrics = jax.eval_shape(make_train_step(graphdef, tx), state, {"inputs": tokens, "targets": tokens})
+    assert metrics["loss"].dtype == jnp.float32 and metrics["loss"].shape == ()
