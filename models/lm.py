@@ -166,8 +166,11 @@ class LanguageModel(nnx.Module):
             (x, aux), _ = jax.lax.scan(body, (x, aux), stacked)
             return x, aux
         for layer in self.layers:
-            graphdef, state = nnx.split(layer)
-            x, layer_aux = _with_remat(lambda state, x, g=graphdef: run(state, g, x), cfg.remat)(state, x)
+            if cfg.remat == "none":
+                x, layer_aux = layer.forward(x, positions, mask, cu_seqlens)
+            else:
+                graphdef, state = nnx.split(layer)
+                x, layer_aux = _with_remat(lambda state, x, g=graphdef: run(state, g, x), cfg.remat)(state, x)
             aux = aux + layer_aux
         return x, aux
 
