@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one script to run on a GPU machine (an H100/H200 with JAX, PyTorch and Triton installed and
-# no network): the `gpu` tests of the kernels, then the kernel benchmark, in under 10 minutes.
+# no network): the `gpu` tests, then the training-throughput benchmark, then the kernel benchmark,
+# in under 10 minutes.
 #
 #   bash experiments/bench/device_check.sh                        # from anywhere in the checkout
-#   BENCH_ARGS="--tuning-sweep" bash experiments/bench/device_check.sh
+#   DEVICE_CHECK_BENCHES=kernels BENCH_ARGS="--tuning-sweep" bash experiments/bench/device_check.sh
+#   THROUGHPUT_ARGS="--remat full" bash experiments/bench/device_check.sh
 #
 # Steps, each time-boxed with `timeout`; a failing step does not stop the later ones, and the exit
-# codes are printed at the end (the script exits 1 if the tests or the benchmark failed):
+# codes are printed at the end (the script exits 1 if the tests or a benchmark failed):
 #   1. installs the wheels carried in .whl/ (if any) into /tmp/lolax_wheels: fla-core (pure
 #      Python; it needs einops, torch and triton, which the machine has) and ml-collections (the one
 #      runtime dependency of pyproject.toml the machine's image lacks; only lolax.parallelism uses it);
@@ -17,12 +19,22 @@
 #      runs Python with PYTHONSAFEPATH=1, so the checkout's own lolax/ folder (which holds only
 #      __init__.py) does not shadow the installed package, and the checkout is on PYTHONPATH after
 #      it for `experiments` and `tests`;
-#   3. `python -m pytest -m gpu tests/test_ops_kernels.py tests/test_ops_delta_kernels.py` with JAX_PLATFORMS=cuda
-#      (tests/conftest.py would otherwise default JAX to the CPU);
-#   4. `python -m experiments.bench.kernels` with a --budget-s that leaves a margin under the limit
-#      (DEVICE_CHECK_LIMIT_S, default 560 s of the device tool's 600 s), writing kernels.json, .md
-#      and .png into $OUT when it is set (the device tool returns files under $OUT), else into
-#      docs/results; logs go to $OUT, else to /tmp/lolax_device_check. It prints the table last.
+#   3. `python -m pytest -m gpu` on those of tests/test_ops_kernels.py, tests/test_ops_delta_kernels.py,
+#      tests/test_ops_attention_fast.py and tests/test_models_precision.py that exist, with
+#      JAX_PLATFORMS=cuda (tests/conftest.py would otherwise default JAX to the CPU);
+#   4. the benchmarks named in DEVICE_CHECK_BENCHES, in that order (default "throughput kernels"):
+#      `throughput` = `python -m experiments.bench.train_throughput` (~350M-parameter models per
+#      family, XLA against the kernel path, tokens/s and MFU; THROUGHPUT_ARGS), `kernels` =
+#      `python -m experiments.bench.kernels` (the chunk ops alone; BENCH_ARGS). Each gets a
+#      --budget-s: every benchmark but the last DEVICE_CHECK_SHARE percent (60) of the time left
+#      minus BENCH_MARGIN_S, and is killed BENCH_MARGIN_S after its budget (a started cell may
+#      overrun it; the outputs written after every cell survive); the last one gets what remains,
+#      minus the margin, under the limit (DEVICE_CHECK_LIMIT_S, default 560 s of the device tool's
+#      600 s). Results (train_throughput.json/.md/.png, kernels.json/.md/.png) go into $OUT when it
+#      is set (the device tool returns files under $OUT), else into docs/results. The steps' logs
+#      are kept in /tmp/lolax_device_check and, with $OUT set, joined into $OUT/device_check.log
+#      (the device tool returns at most 8 files: six results, that log and device_check.txt). It
+#      prints the tables last.
 #
 # Preparing .whl/ (on a developer's machine with pip access, in the repository root; the folder
 # must stay out of git):
@@ -38,8 +50,13 @@
 # timeout_s=600). On a machine with network access, `pip install fla-core` replaces the .whl/ folder.
 #
 # Environment: PYTHON (default python3), DEVICE_CHECK_LIMIT_S (560), TEST_TIMEOUT_S (180),
-# BENCH_MARGIN_S (60: seconds kept between the benchmark's budget and the limit), BENCH_ARGS,
-# DEVICE_CHECK_PLATFORM (cuda; cpu for a dry run of this script on a machine without a GPU).
+# DEVICE_CHECK_BENCHES ("throughput kernels"; "" for none), DEVICE_CHECK_SHARE (60),
+# BENCH_MARGIN_S (60: seconds kept between a benchmark's budget and its kill, and before the limit),
+# THROUGHPUT_ARGS, BENCH_ARGS (the kernel benchmark's), DEVICE_CHECK_PLATFORM (cuda; cpu for a dry
+# run of this script on a machine without a GPU, where both benchmarks run their smoke tests):
+#
+#   OUT=/tmp/dc_out DEVICE_CHECK_PLATFORM=cpu DEVICE_CHECK_LIMIT_S=300 PYTHON=.venv/bin/python \
+#       bash experiments/bench/device_check.sh
 
 set -u
 set -o pipefail
@@ -50,11 +67,16 @@ PY=${PYTHON:-python3}
 LIMIT=${DEVICE_CHECK_LIMIT_S:-560}
 TEST_TIMEOUT=${TEST_TIMEOUT_S:-180}
 MARGIN=${BENCH_MARGIN_S:-60}
+SHARE=${DEVICE_CHECK_SHARE:-60}
+BENCHES=${DEVICE_CHECK_BENCHES-throughput kernels}
 RESULTS=${OUT:-docs/results}
-LOGS=${OUT:-/tmp/lolax_device_check}
+LOGS=/tmp/lolax_device_check
 WHEELS=/tmp/lolax_wheels
 SITE=/tmp/lolax_site
+GPU_TESTS="tests/test_ops_kernels.py tests/test_ops_delta_kernels.py tests/test_ops_attention_fast.py
+           tests/test_models_precision.py"
 mkdir -p "$RESULTS" "$LOGS"
+rm -f "$LOGS"/*.log
 
 export JAX_PLATFORMS=${DEVICE_CHECK_PLATFORM:-cuda} XLA_PYTHON_CLIENT_PREALLOCATE=false
 export PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1
@@ -97,30 +119,72 @@ try:
     print('fla', fla.__version__, 'from', fla.__file__)
 except Exception as e:
     print('fla not importable:', type(e).__name__, e)
-" 2>&1 | tee "$LOGS/setup.log"
+" 2>&1 | tee "$LOGS/1_setup.log"
 RC_IMPORT=$?
 
 note "3. gpu tests"
-timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu tests/test_ops_kernels.py tests/test_ops_delta_kernels.py -o addopts="" -q -p no:cacheprovider \
-    2>&1 | tee "$LOGS/pytest.log"
-RC_TESTS=$?
+TEST_FILES=()
+for f in $GPU_TESTS; do
+    if [ -f "$f" ]; then TEST_FILES+=("$f"); else echo "not in this checkout (skipped): $f"; fi
+done
+RC_TESTS=0
+if [ ${#TEST_FILES[@]} -gt 0 ]; then
+    timeout -k 10 "$TEST_TIMEOUT" "$PY" -m pytest -m gpu "${TEST_FILES[@]}" -o addopts="" -q -p no:cacheprovider \
+        2>&1 | tee "$LOGS/2_pytest.log"
+    RC_TESTS=$?
+fi
 
-ELAPSED=$((SECONDS - START))
-REMAINING=$((LIMIT - ELAPSED))
-BUDGET=$((REMAINING - MARGIN))
-[ $BUDGET -lt 30 ] && BUDGET=30
-KILL_AFTER=$((REMAINING - 10))
-[ $KILL_AFTER -lt 45 ] && KILL_AFTER=45
-note "4. benchmark (budget ${BUDGET} s, killed after ${KILL_AFTER} s)"
-# shellcheck disable=SC2086 - BENCH_ARGS is a list of words
-timeout -k 10 "$KILL_AFTER" "$PY" -m experiments.bench.kernels --out "$RESULTS" --budget-s "$BUDGET" ${BENCH_ARGS:-} \
-    > "$LOGS/bench.log" 2>&1
-RC_BENCH=$?
-sed '/^# Kernel benchmark/,$d' "$LOGS/bench.log" | tail -n 40
+# run_bench NAME IS_LAST INDEX: one benchmark with its share of the time left.
+SUMMARY_BENCH=""
+RC_BENCHES=0
+run_bench() {
+    local name=$1 last=$2 log="$LOGS/3_bench_$3_$1.log" module md args
+    case $name in
+        throughput) module=experiments.bench.train_throughput; md=train_throughput.md; args=${THROUGHPUT_ARGS:-} ;;
+        kernels) module=experiments.bench.kernels; md=kernels.md; args=${BENCH_ARGS:-} ;;
+        *) echo "unknown benchmark '$name' in DEVICE_CHECK_BENCHES (throughput, kernels)"
+           SUMMARY_BENCH="$SUMMARY_BENCH${SUMMARY_BENCH:+, }$name unknown"; RC_BENCHES=1; return ;;
+    esac
+    local remaining=$((LIMIT - (SECONDS - START))) budget kill_after
+    if [ "$last" = 1 ]; then
+        budget=$((remaining - MARGIN))
+        kill_after=$((remaining - 10))
+    else
+        budget=$(((remaining - MARGIN) * SHARE / 100))
+        kill_after=$((budget + MARGIN))
+    fi
+    [ $budget -lt 30 ] && budget=30
+    [ $kill_after -lt 45 ] && kill_after=45
+    note "4. benchmark $name (budget ${budget} s, killed after ${kill_after} s)"
+    # shellcheck disable=SC2086 - args is a list of words
+    timeout -k 10 "$kill_after" "$PY" -m "$module" --out "$RESULTS" --budget-s "$budget" $args \
+        > "$log" 2>&1
+    local rc=$?
+    # the log without the tables (printed at the end)
+    sed '/^# \(Kernel benchmark\|Training throughput\|Compile time against depth\)/,$d' "$log" | tail -n 40
+    [ -f "$RESULTS/$md" ] || echo "no $RESULTS/$md written"
+    SUMMARY_BENCH="$SUMMARY_BENCH${SUMMARY_BENCH:+, }$name $rc"
+    [ $rc -eq 0 ] || RC_BENCHES=1
+}
+
+read -r -a BENCH_LIST <<< "$BENCHES"
+for i in "${!BENCH_LIST[@]}"; do
+    run_bench "${BENCH_LIST[$i]}" $((i == ${#BENCH_LIST[@]} - 1 ? 1 : 0)) $((i + 1))
+done
 
 note "results ($RESULTS)"
-[ -f "$RESULTS/kernels.md" ] && cat "$RESULTS/kernels.md"
-tail -n 3 "$LOGS/pytest.log"
-SUMMARY="exit codes: wheels $RC_WHEELS, install $RC_INSTALL, import $RC_IMPORT, tests $RC_TESTS, benchmark $RC_BENCH; $((SECONDS - START)) s"
+for name in "${BENCH_LIST[@]}"; do
+    case $name in
+        throughput) [ -f "$RESULTS/train_throughput.md" ] && cat "$RESULTS/train_throughput.md" ;;
+        kernels) [ -f "$RESULTS/kernels.md" ] && cat "$RESULTS/kernels.md" ;;
+    esac
+done
+[ -f "$LOGS/2_pytest.log" ] && tail -n 3 "$LOGS/2_pytest.log"
+SUMMARY="exit codes: wheels $RC_WHEELS, install $RC_INSTALL, import $RC_IMPORT, tests $RC_TESTS, benchmarks ${SUMMARY_BENCH:-none}; $((SECONDS - START)) s"
 echo "$SUMMARY" | tee "$LOGS/device_check.txt"
-[ $RC_TESTS -eq 0 ] && [ $RC_BENCH -eq 0 ] || exit 1
+if [ -n "${OUT:-}" ]; then
+    cp "$LOGS/device_check.txt" "$OUT/device_check.txt"
+    for f in "$LOGS"/*.log; do [ -f "$f" ] && { echo "===== $(basename "$f")"; cat "$f"; echo; }; done \
+        > "$OUT/device_check.log"
+fi
+[ $RC_TESTS -eq 0 ] && [ $RC_BENCHES -eq 0 ] || exit 1
