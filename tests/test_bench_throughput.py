@@ -137,6 +137,7 @@ def test_quick_run_end_to_end_on_cpu(tmp_path):
     assert (tmp_path / "train_throughput.png").stat().st_size > 0
 
 
+@pytest.mark.slow          # the committed CPU figures come from the full --compile-depth-only run
 def test_compile_depth_tiny(tmp_path):
     """Scanned and unrolled compiles of 1 and 2 layers (d_model 32) all take a positive time."""
     data = tt.run(["--compile-depth-only", "--out", str(tmp_path), "--remat", "none", "--depth-d-model", "32",
