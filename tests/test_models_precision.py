@@ -111,3 +111,19 @@ def test_bf16_cached_generation_matches_bf16_full_forward():
 def test_bad_dtypes_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**values)
+
+
+@pytest.mark.gpu
+def test_bf16_hybrid_on_the_gpu_kernels_matches_xla():
+    """On a CUDA GPU: the bf16 hybrid's loss and gradients through lolax's Triton kernels and cuDNN
+    attention against the same model in XLA."""
+    tokens = jax.random.randint(jax.random.key(4), (2, 513), 0, 256)
+    kw = dict(SMALL, d_model=256, num_heads=2, chunk_size=64, num_layers=4, pattern="EEES", dtype="bfloat16")
+    run_xla, params = loss_and_grads(ModelConfig(**kw, implementation="xla"), tokens)
+    run_fast, params_fast = loss_and_grads(ModelConfig(**kw, implementation=None), tokens)
+    text = run_fast.lower(params_fast).as_text()
+    assert "__cudnn$fmha" in text and "triton" in text
+    loss_x, g_x = run_xla(params)
+    loss_f, g_f = run_fast(params_fast)
+    assert abs(float(loss_x) - float(loss_f)) < LOSS_TOL
+    assert rel_rms_error(flat(g_x), flat(g_f)) < 0.05
