@@ -304,7 +304,8 @@ def load_fla(families: tuple[str, ...]) -> tuple[dict, dict]:
     return ops, info
 
 
-def _error(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """A failure as recorded in a cell: the exception's type and the start of its message."""
     return f"{type(e).__name__}: {str(e).strip()[:400]}"
 
 
@@ -352,7 +353,7 @@ def measure(runners: dict[str, Runner], reps: int, sample_s: float, deadline: fl
         except OutOfTime:
             raise
         except Exception as e:  # noqa: BLE001 - out of memory, unsupported shape, compile error: record it
-            stats[name]["error"] = _error(e)
+            stats[name]["error"] = error_text(e)
             _release_memory()
     for rep in range(reps):
         names = list(live)
@@ -363,7 +364,7 @@ def measure(runners: dict[str, Runner], reps: int, sample_s: float, deadline: fl
             except OutOfTime:
                 raise
             except Exception as e:  # noqa: BLE001
-                stats[name]["error"] = _error(e)
+                stats[name]["error"] = error_text(e)
                 del live[name]
                 _release_memory()
     for s in stats.values():
@@ -413,7 +414,7 @@ def run_cell(cell: Cell, impls: tuple[str, ...], backend: str, fla_ops: dict, ar
                 try:
                     runners[impl] = fla_runner(cell, x, fla_ops)
                 except Exception as e:  # noqa: BLE001
-                    skipped[impl] = _error(e)
+                    skipped[impl] = error_text(e)
         elif impl == "cudnn":
             if cell.T > args.cudnn_max_T:
                 skipped[impl] = f"skipped: T > --cudnn-max-T {args.cudnn_max_T}"
@@ -481,7 +482,8 @@ def environment(backend: str, fla_info: dict) -> dict:
     return env
 
 
-def _ms(s: float | None) -> str:
+def ms_text(s: float | None) -> str:
+    """Seconds as milliseconds for a table (3 significant digits below 100 ms), '-' for none."""
     if s is None:
         return "-"
     ms = s * 1e3
@@ -530,7 +532,7 @@ def format_tables(report: dict) -> str:
             if s is not None and s["error"]:
                 errors.append(f"- {c['family']} {tuple(c['shape'])} {c['mode']} {impl}: {s['error']}")
             times.append("err" if s is not None and s["error"] and s["median_s"] is None else
-                         _ms(s["median_s"]) if s else "-")
+                         ms_text(s["median_s"]) if s else "-")
         mode = "fwd+bwd" if c["mode"] == "fwdbwd" else "fwd"
         lines.append(f"| {c['family']} | {B} | {T} | {H} | {D} | {mode} | " + " | ".join(times) + " | "
                      + " | ".join(_x(c["ratios"][k]) for k in GOALS) + " |")
@@ -544,7 +546,7 @@ def format_tables(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for t in report["tuning_sweep"]:
             k = t["tuning"]
-            time_s = _ms(t["median_s"]) if t["error"] is None else f"err ({t['error'][:60]})"
+            time_s = ms_text(t["median_s"]) if t["error"] is None else f"err ({t['error'][:60]})"
             lines.append(f"| {t['family']} | {tuple(t['shape'])} | {t['mode']} | {k['block_v']} | {k['num_warps']} | "
                          f"{k['num_stages']} | {k['schedule']} | {time_s} | {_x(t['vs_default'])} |")
     return "\n".join(lines) + "\n"
@@ -586,14 +588,20 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict, out_dir: str, with_plot: bool = True) -> None:
+def save_report(report: dict, out_dir: str, stem: str, tables: Callable[[dict], str],
+                plot_fn: Callable[[dict, str], None], with_plot: bool = True) -> None:
+    """Writes ``STEM.json``, ``STEM.md`` (``tables(report)``) and ``STEM.png`` into ``out_dir``."""
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "kernels.json"), "w") as fh:
+    with open(os.path.join(out_dir, f"{stem}.json"), "w") as fh:
         json.dump(report, fh, indent=1)
-    with open(os.path.join(out_dir, "kernels.md"), "w") as fh:
-        fh.write(format_tables(report))
+    with open(os.path.join(out_dir, f"{stem}.md"), "w") as fh:
+        fh.write(tables(report))
     if with_plot:
-        plot(report, os.path.join(out_dir, "kernels.png"))
+        plot_fn(report, os.path.join(out_dir, f"{stem}.png"))
+
+
+def write_outputs(report: dict, out_dir: str, with_plot: bool = True) -> None:
+    save_report(report, out_dir, "kernels", format_tables, plot, with_plot)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -677,7 +685,7 @@ def run(argv: list[str] | None = None) -> dict:
                 record = run_cell(item, impls, backend, fla_ops, args, deadline)
                 report["cells"].append(record)
                 print(f"{item.family} {item.shape} {item.mode}: " + ", ".join(
-                    f"{i} {_ms(s['median_s'])} ms" + (f" ({s['error'][:80]})" if s["error"] else "")
+                    f"{i} {ms_text(s['median_s'])} ms" + (f" ({s['error'][:80]})" if s["error"] else "")
                     for i, s in record["impls"].items()) + f"  [{time.monotonic() - t0:.0f} s]", flush=True)
             report["goal"] = goal_summary(report["cells"], families)
             report["elapsed_s"] = time.monotonic() - start

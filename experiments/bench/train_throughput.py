@@ -75,7 +75,6 @@ import argparse
 import dataclasses
 import functools
 import gc
-import json
 import math
 import re
 import signal
@@ -89,8 +88,7 @@ import optax
 from flax import nnx
 
 from experiments.bench.flops import abstract_model, count_params, train_flops_per_token
-from experiments.bench.kernels import OutOfTime, Runner, environment, measure
-from experiments.bench.kernels import _error as error_text
+from experiments.bench.kernels import OutOfTime, Runner, environment, error_text, measure, ms_text, save_report
 from experiments.train_state import init_state, make_train_step
 from lolax.models import ModelConfig
 from lolax.parallelism import create_sharded, make_mesh
@@ -494,10 +492,6 @@ def _fmt(v: float | None, digits: int = 3) -> str:
     return "-" if v is None else f"{v:.{digits}g}"
 
 
-def _ms(s: float | None) -> str:
-    return "-" if s is None else (f"{s * 1e3:.3g}" if s < 0.1 else f"{s * 1e3:.0f}")
-
-
 def _gib(b: int | None) -> str:
     return "-" if not b else f"{b / 2**30:.2f}"
 
@@ -553,7 +547,7 @@ def format_tables(report: dict) -> str:
         mem = " / ".join(_gib((s.get("memory") or {}).get("total_bytes")) for s in (x, k))
         peak_dev = max([b for b in (x.get("device_peak_bytes"), k.get("device_peak_bytes")) if b] or [0])
         lines.append(f"| {cell['family']} | {params} | {cell['T']} | {cell['B']} | {compile_text} | "
-                     f"{_ms(x.get('median_s'))} | {_ms(k.get('median_s'))} | {_fmt(x.get('tokens_per_s'))} | "
+                     f"{ms_text(x.get('median_s'))} | {ms_text(k.get('median_s'))} | {_fmt(x.get('tokens_per_s'))} | "
                      f"{_fmt(k.get('tokens_per_s'))} | {_fmt(cell['kernels_vs_xla'])} | {_pct(x.get('mfu'))} | "
                      f"{_pct(k.get('mfu'))} | {path_text} | {mem} | {_gib(peak_dev)} |")
     if report["interrupted"]:
@@ -620,13 +614,7 @@ def plot(report: dict, path: str) -> None:
 
 
 def write_outputs(report: dict, out_dir: str, with_plot: bool = True) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "train_throughput.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(os.path.join(out_dir, "train_throughput.md"), "w") as fh:
-        fh.write(format_tables(report))
-    if with_plot:
-        plot(report, os.path.join(out_dir, "train_throughput.png"))
+    save_report(report, out_dir, "train_throughput", format_tables, plot, with_plot)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -721,7 +709,7 @@ def run(argv: list[str] | None = None) -> dict:
             report["cells"].append(record)
             report["families"][cell.family]["params"] = record["params"]
             print(f"{cell.family} T={cell.T} B={cell.B}: " + ", ".join(
-                f"{name} {_ms(s['median_s'])} ms, {_fmt(s['tokens_per_s'])} tok/s, MFU {_pct(s['mfu'])}, "
+                f"{name} {ms_text(s['median_s'])} ms, {_fmt(s['tokens_per_s'])} tok/s, MFU {_pct(s['mfu'])}, "
                 f"compile {_fmt(s.get('lower_compile_s'))} s, path {(s.get('path') or {}).get('ran', '-')}"
                 + (f" ({s['error'][:100]})" if s["error"] else "")
                 for name, s in record["impls"].items()) + f"  [{record['elapsed_s']:.0f} s]", flush=True)
