@@ -10,7 +10,6 @@ bf16 outputs and gradients; the oracle computes in float32 from the same bf16 in
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax import export
+from test_ops_attention import out_and_grads
 
 from lolax.models import LanguageModel, ModelConfig
 from lolax.ops.attention import fast, naive_sliding_window_attention, naive_softmax_attention
@@ -41,28 +41,11 @@ def oracle(q, k, v, window=None, cu_seqlens=None, scale=None):
     return naive_sliding_window_attention(q, k, v, window, scale, cu_seqlens)
 
 
-@functools.lru_cache(maxsize=None)
-def _vjp(fn, kw):
-    kw = dict(kw)
-    if kw.get("cu_seqlens") is not None:
-        kw["cu_seqlens"] = np.asarray(kw["cu_seqlens"], np.int32)
-
-    def f(q, k, v, do):
-        o, vjp = jax.vjp(lambda q, k, v: fn(q, k, v, **kw), q, k, v)
-        return (o,) + vjp(do.astype(o.dtype))
-
-    return jax.jit(f)
-
-
-def out_and_grads(fn, q, k, v, do, **kw):
-    return _vjp(fn, tuple(sorted(kw.items())))(q, k, v, do)
-
-
 def compare(q, k, v, do, *, window=None, cu_seqlens=None, implementation="pallas"):
     """``attention(..., implementation)`` against the oracle: o, dq, dk, dv."""
-    ref = out_and_grads(oracle, *(x.astype(jnp.float32) for x in (q, k, v)), do, window=window,
-                        cu_seqlens=cu_seqlens)
-    out = out_and_grads(attention, q, k, v, do, window=window, cu_seqlens=cu_seqlens, implementation=implementation)
+    packed = {} if cu_seqlens is None else {"cu": cu_seqlens}
+    ref = out_and_grads(oracle, *(x.astype(jnp.float32) for x in (q, k, v)), do, window=window, **packed)
+    out = out_and_grads(attention, q, k, v, do, window=window, implementation=implementation, **packed)
     assert out[0].dtype == q.dtype
     for name, x, r, o in zip(("o", "dq", "dk", "dv"), (q, q, k, v), ref, out):
         assert o.shape == r.shape == x.shape and o.dtype == x.dtype, name
