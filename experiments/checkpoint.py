@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
 # Config sections whose change makes saved state unusable (shapes or optimizer-state layout).
-STATE_DEFINING = ("model", "optim.name", "optim.rank")
+STATE_DEFINING = ("model", "optim.name", "optim.rank", "peft")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -56,17 +56,28 @@ def write_config(workdir: str, config: dict) -> None:
 class Checkpointer:
     """Keeps the last ``keep`` checkpoints of ``(state, data position)`` under ``workdir/checkpoints``."""
 
-    def __init__(self, workdir: str, keep: int = 3):
+    def __init__(self, workdir: str, keep: int = 3, create: bool = True):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if not create and not os.path.isdir(self.directory):
+            raise ValueError(f"{workdir!r} holds no checkpoints ({self.directory} does not exist)")
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_position: dict[str, int]) -> None:
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)))
+    def save(self, step: int, state, data_position: dict[str, int], meta: dict | None = None) -> None:
+        """Saves ``state`` and the data position; ``meta`` (JSON) rides along when given."""
+        items = {"state": ocp.args.StandardSave(state), "data": ocp.args.JsonSave(data_position)}
+        if meta is not None:
+            items["meta"] = ocp.args.JsonSave(meta)
+        self.manager.save(step, args=ocp.args.Composite(**items))
+
+    def meta(self, step: int) -> dict | None:
+        """The ``meta`` saved with checkpoint ``step``, or None if it has none."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "meta")):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def restore(self, step: int, abstract_state):
         """Restores ``(state, data_position)``; ``abstract_state`` gives structure, shapes, shardings."""

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lolax.models import LanguageModel, ModelConfig
+from lolax.models import LanguageModel, ModelConfig, peft
 
 
 class TrainState(NamedTuple):
@@ -51,25 +51,32 @@ Objective = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
 
 
 def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, donate: bool = True,
-                    objective: Objective = next_token_loss):
+                    objective: Objective = next_token_loss, trainable: nnx.filterlib.Filter = nnx.Param):
     """Returns the jitted ``step(state, batch) -> (state, metrics)`` with the state donated.
 
     ``objective(logits, batch) -> scalar`` is the loss of the model's logits on
     ``batch["inputs"]`` (default: next-token cross-entropy; the synthetic tasks pass a masked
-    one); the model's auxiliary loss is added to it for the gradient.
+    one); the model's auxiliary loss is added to it for the gradient.  Only the variables of
+    ``state.params`` that ``trainable`` selects are differentiated and updated (``tx``'s state
+    covers those alone); the rest, such as the frozen base of an adapted model, is carried
+    unchanged.  The forward pass runs inside ``peft.training(key)`` with a fresh key per step,
+    so adapters' dropout and DyLoRA's rank sampling are active in training only.
     """
 
-    def loss_fn(params, batch):
-        model = nnx.merge(graphdef, params)
-        logits, aux = model(batch["inputs"], return_aux=True)
+    def loss_fn(train_params, frozen, batch, key):
+        model = nnx.merge(graphdef, train_params, frozen)
+        with peft.training(key):
+            logits, aux = model(batch["inputs"], return_aux=True)
         loss = objective(logits, batch)
         return loss + aux, (loss, aux)
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        new_rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+        train_params, frozen = nnx.split_state(state.params, trainable, ...)
+        new_rng, key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        (_, (loss, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params, frozen, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        params = nnx.merge_state(optax.apply_updates(train_params, updates), frozen)
+        new_rng = jax.random.key_data(new_rng)
         # "loss" is the objective; "aux_loss" (MoM load balancing, else 0) is added to it for the
         # gradient.
         metrics = {"loss": loss, "aux_loss": aux, "grad_norm": optax.tree.norm(grads)}

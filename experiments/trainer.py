@@ -19,6 +19,7 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
+from experiments import finetune
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
 from experiments.configs.presets import apply_preset
 from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_corpus
@@ -26,7 +27,7 @@ from experiments.metrics import MetricsWriter, plot_loss
 from experiments.optimizers import check_layer_layout, make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
 from lolax import optim
-from lolax.models import ModelConfig, count_params, generate
+from lolax.models import ModelConfig, count_params, generate, peft
 from lolax.parallelism import mesh as pmesh
 from lolax.parallelism import rules as prules
 
@@ -74,10 +75,21 @@ class _StopRequest:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool = True) -> dict:
-    """Trains (or resumes) the run in ``workdir``; returns a summary of the final metrics."""
+    """Trains (or resumes) the run in ``workdir``; returns a summary of the final metrics.
+
+    With ``config.init_from`` the model (its config and parameters) comes from that run folder;
+    with ``config.peft.method`` set only adapters train (see ``experiments/finetune.py``).
+    """
     config_dict = config.to_dict()
-    check_compatible(workdir, config_dict)
     model_cfg = model_config(config.model)
+    peft_cfg = finetune.peft_config(config.get("peft"))
+    init_from = config.get("init_from", "")
+    base = None
+    if init_from:
+        base = finetune.load_base(init_from, model_cfg)
+        model_cfg = base.model
+        config_dict["model"] = {**model_cfg.to_dict(), "preset": ""}
+    check_compatible(workdir, config_dict)
     check_layer_layout(config.optim, model_cfg.scan_layers)
     d, t = config.data, config.train
 
@@ -88,27 +100,49 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
 
     tx = make_optimizer(config.optim, t.steps)
     mesh = data_mesh(config.mesh, d.batch_size, d.seq_len)
-    # parameters and optimizer state are created already sharded by the logical-axis rules
-    graphdef, state, state_shardings = prules.create_sharded(
-        lambda: init_state(model_cfg, tx, config.seed), mesh)
+    trainable = finetune.trainable_filter(peft_cfg)
+    meta = None
+    if base is None and peft_cfg is None:
+        # parameters and optimizer state are created already sharded by the logical-axis rules
+        graphdef, state, state_shardings = prules.create_sharded(
+            lambda: init_state(model_cfg, tx, config.seed), mesh)
+    else:
+        # the adapted model is built on the host (data-driven adapters read a few batches), then placed
+        init_data = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed + 3)
+        model, fingerprint = finetune.build_model(model_cfg, config.seed, base, peft_cfg, init_data)
+        graphdef, state, state_shardings = finetune.create_state(model, tx, config.seed, trainable, mesh)
+        if peft_cfg is not None:
+            meta = {"base_fingerprint": fingerprint, "init_from": init_from}
     batch_sharding = prules.batch_sharding(mesh)
 
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
     start = checkpointer.latest_step()
     if start is not None:
-        state, position = checkpointer.restore(start, abstract_like(state))
+        if meta is not None:
+            finetune.check_base(checkpointer.meta(start), meta["base_fingerprint"], init_from)
+        saved, position = checkpointer.restore(start, abstract_like(finetune.checkpoint_view(state, peft_cfg)))
+        state = finetune.restore_view(state, saved, peft_cfg)
         batches.restore(position)
         print(f"resumed from step {start} in {workdir}")
+    elif base is not None:
+        print(f"starting from {init_from} (step {base.step})")
     write_config(workdir, config_dict)
-    print(f"model: {count_params(nnx.merge(graphdef, state.params)):,} parameters, layers "
+    model = nnx.merge(graphdef, state.params)
+    print(f"model: {count_params(model):,} parameters, layers "
           f"{','.join(model_cfg.layer_kinds)}; "
           f"{jax.device_count()} device(s), mesh {dict(mesh.shape)}; corpus {corpus.describe()}")
-    print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, state.params))}")
+    if peft_cfg is not None:
+        counts = peft.count(model)
+        print(f"adapters: {peft_cfg.method} rank {peft_cfg.rank} on {len(peft.adapted_layers(model))} layers, "
+              f"{counts['trainable']:,} trainable values ({counts['trainable'] / counts['base']:.3%} of the "
+              f"{counts['base']:,} base parameters), {counts['buffers']:,} frozen adapter values")
+    train_params = nnx.split_state(state.params, trainable, ...)[0]
+    print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, train_params))}")
 
     # Steps are traced under jax.set_mesh(mesh) below: with a sequence axis > 1 the mixers run
     # LASP-2 and ring / Ulysses / all-gather attention (model.sequence_attention).
-    train_step = prules.shard_step(make_train_step(graphdef, tx, donate=False), mesh, state_shardings,
-                                   batch_sharding)
+    train_step = prules.shard_step(make_train_step(graphdef, tx, donate=False, trainable=trainable), mesh,
+                                   state_shardings, batch_sharding)
     eval_step = make_eval_step(graphdef)
     writer = MetricsWriter(workdir)
     tokens_per_step = d.batch_size * d.seq_len
@@ -143,7 +177,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
                               f"bits per byte {result['bpb']:.4f}")
                     window_start = time.perf_counter()
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
-                    checkpointer.save(step, state, batches.position())
+                    checkpointer.save(step, finetune.checkpoint_view(state, peft_cfg), batches.position(), meta)
             if stop.requested:
                 bar.write(f"stopped at step {step}; checkpoint saved, rerun with the same workdir to resume")
     finally:

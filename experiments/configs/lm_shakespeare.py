@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lolax.models import ModelConfig
+from lolax.models.peft import PeftConfig
 
 
 def model_fields(**overrides) -> ml_collections.ConfigDict:
@@ -24,6 +25,17 @@ def model_fields(**overrides) -> ml_collections.ConfigDict:
             value = config_dict.placeholder(kind)
         section[field.name] = value
     section.preset = overrides.get("preset", "")
+    return section
+
+
+def peft_fields() -> ml_collections.ConfigDict:
+    """Every PeftConfig field with its default, ``method`` empty (no adapters), ``targets`` as
+    comma-separated names (or ``re:<regex>``)."""
+    section = ml_collections.ConfigDict()
+    for field in dataclasses.fields(PeftConfig):
+        value = field.default
+        section[field.name] = ",".join(value) if isinstance(value, tuple) else value
+    section.method = ""
     return section
 
 
@@ -50,6 +62,11 @@ def get_config() -> ml_collections.ConfigDict:
         chunk_size=64,
         tie_embeddings=False,
     )
+
+    # Fine-tuning: start from a run folder's newest parameters (its model config too), and with
+    # peft.method set (lora, dora, ... see lolax.models.peft) train adapters only.
+    c.init_from = ""
+    c.peft = peft_fields()
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = "adamw"
