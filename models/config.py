@@ -108,6 +108,9 @@ class ModelConfig:
     param_dtype: str = "float32"         # dtype the parameters are stored (and trained) in
     scan_layers: bool = False            # run each repeat of the pattern under one lax.scan over stacked layers
     remat: str = "none"                  # per layer (or per scanned repeat): none | dots | full
+    sltrain_rank: int = 0                # > 0: blocks' projections are SLTrain (alpha/r) A B + S (models/sltrain.py)
+    sltrain_density: float = 0.03        # SLTrain: fraction of each weight's entries in the sparse part S
+    sltrain_alpha: float = 32.0          # SLTrain: the low-rank product is scaled by alpha / rank
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "window",
@@ -175,6 +178,19 @@ class ModelConfig:
                              f"{self.mom_num_memories}")
         if self.gla_gate_normalizer <= 0:
             raise ValueError(f"model.gla_gate_normalizer must be > 0, got {self.gla_gate_normalizer!r}")
+        if isinstance(self.sltrain_rank, bool) or not isinstance(self.sltrain_rank, int) or self.sltrain_rank < 0:
+            raise ValueError(f"model.sltrain_rank must be an int >= 0 (0 keeps dense projections), "
+                             f"got {self.sltrain_rank!r}")
+        if (isinstance(self.sltrain_density, bool) or not isinstance(self.sltrain_density, (int, float))
+                or not 0 < self.sltrain_density < 1):
+            raise ValueError(f"model.sltrain_density must be a number in (0, 1), got {self.sltrain_density!r}")
+        if (isinstance(self.sltrain_alpha, bool) or not isinstance(self.sltrain_alpha, (int, float))
+                or not self.sltrain_alpha > 0):
+            raise ValueError(f"model.sltrain_alpha must be a number > 0, got {self.sltrain_alpha!r}")
+        if self.sltrain_rank and self.scan_layers:
+            raise ValueError("model.sltrain_rank > 0 cannot be combined with model.scan_layers = True: every "
+                             "SLTrain layer draws its own sparse support from a static layer id, so the "
+                             "repeats of the pattern differ and cannot be stacked; set model.scan_layers = False")
         rotary_kinds = {"softmax", "swa", "retnet"}
         if rotary_kinds & set(kinds) and self.head_size % 2:
             raise ValueError(f"model.head_dim = {self.head_size} must be even for rotary embeddings "

@@ -1,30 +1,48 @@
 """Building blocks shared by every mixer and model.
 
-Logical-axis parameters (:func:`logical`, :func:`dense`), :class:`RMSNorm`,
-:class:`GatedRMSNorm` (``norm(o) * swish(gate)``), :class:`SwiGLU`, the short causal depthwise
-:class:`ShortConv` with its decoding state, :func:`rotary` and :func:`l2norm`.
+Logical-axis parameters (:func:`logical`, :func:`dense`; SLTrain projections inside a
+:func:`sltrain` scope), :class:`RMSNorm`, :class:`GatedRMSNorm` (``norm(o) * swish(gate)``),
+:class:`SwiGLU`, the short causal depthwise :class:`ShortConv` with its decoding state,
+:func:`rotary` and :func:`l2norm`.
 
 Logical axis names used by the parameters: ``vocab``, ``embed`` (model width), ``mlp`` (MLP
 hidden), ``heads`` (a flattened heads x head-dim projection axis, or a per-head vector),
 ``kv_heads`` (grouped-query key/value projections), ``kv``
 (one head's dim, e.g. per-head norms and Hedgehog maps), ``lowrank`` (GLA's gate bottleneck),
 ``conv`` (short-convolution taps), ``features`` (Hedgehog's D') and ``memories`` (MoM's router
-outputs).  Names missing from ``parallelism.rules.LOGICAL_RULES`` are replicated.
+outputs); SLTrain layers add ``lora_rank`` and ``sparse``.  Names missing from
+``parallelism.rules.LOGICAL_RULES`` are replicated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .sltrain import SLTrainLinear
+
 default_kernel_init = nnx.initializers.lecun_normal()
 
 # (compute dtype, parameter dtype) of the layers built in the current `dtypes` scope.
 _DTYPES = contextvars.ContextVar("lolax_layer_dtypes", default=(None, jnp.float32))
+
+
+@dataclasses.dataclass
+class _SLTrainScope:
+    rank: int
+    density: float
+    alpha: float
+    seed: int
+    next_id: int = 0
+
+
+# The `sltrain` scope dense() is building in (None: plain nnx.Linear projections).
+_SLTRAIN = contextvars.ContextVar("lolax_sltrain", default=None)
 
 
 @contextlib.contextmanager
@@ -69,10 +87,43 @@ def param(value: jax.Array, *names: str) -> nnx.Param:
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
+@contextlib.contextmanager
+def sltrain(rank: int, density: float = 0.03, alpha: float = 32.0, seed: int = 0):
+    """Inside this scope :func:`dense` builds SLTrain layers (:class:`~.sltrain.SLTrainLinear`,
+    ``W = (alpha / rank) A @ B + S`` with ``S`` of density ``density``) wherever
+    ``rank < min(d_in, d_out)``, and plain ``nnx.Linear`` layers elsewhere.
+
+    Each SLTrain layer gets the next layer id of the scope (0, 1, ... in build order), which with
+    ``seed`` fixes its sparse support, so two layers never share one.  ``rank = 0`` is a no-op.
+    :class:`lolax.models.LanguageModel` opens it around its blocks when ``model.sltrain_rank > 0``
+    (the embedding and the output head stay dense).
+
+    >>> from flax import nnx
+    >>> with sltrain(4, density=0.1):
+    ...     a, b = dense(16, 32, ("embed", "mlp"), nnx.Rngs(0)), dense(16, 2, ("embed", "heads"), nnx.Rngs(0))
+    >>> type(a).__name__, a.layer_id, a.nnz, type(b).__name__
+    ('SLTrainLinear', 0, 51, 'Linear')
+    """
+    token = _SLTRAIN.set(_SLTrainScope(rank, density, alpha, seed) if rank else None)
+    try:
+        yield
+    finally:
+        _SLTRAIN.reset(token)
+
+
 def dense(d_in: int, d_out: int, names: tuple[str, str], rngs: nnx.Rngs, init=default_kernel_init,
-          use_bias: bool = False) -> nnx.Linear:
-    kw = {"bias_init": logical(nnx.initializers.zeros_init(), names[1])} if use_bias else {}
+          use_bias: bool = False) -> nnx.Linear | SLTrainLinear:
+    """A projection ``[d_in] -> [d_out]`` with logical axis ``names``: an ``nnx.Linear``, or an
+    SLTrain layer inside a :func:`sltrain` scope when its rank is below ``min(d_in, d_out)``
+    (``init`` then does not apply: SLTrain initialises its own factors)."""
     compute, params = _DTYPES.get()
+    scope = _SLTRAIN.get()
+    if scope is not None and scope.rank < min(d_in, d_out):
+        layer_id, scope.next_id = scope.next_id, scope.next_id + 1
+        return SLTrainLinear(d_in, d_out, scope.rank, scope.density, scope.alpha, rngs=rngs, names=names,
+                             use_bias=use_bias, seed=scope.seed, layer_id=layer_id, dtype=compute,
+                             param_dtype=params)
+    kw = {"bias_init": logical(nnx.initializers.zeros_init(), names[1])} if use_bias else {}
     return nnx.Linear(d_in, d_out, use_bias=use_bias, kernel_init=logical(init, *names), rngs=rngs,
                       dtype=compute, param_dtype=params, **kw)
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import RMSNorm, SwiGLU, dense, dtypes, logical
+from .layers import RMSNorm, SwiGLU, dense, dtypes, logical, sltrain
 from .mixers import MIXERS
 from .mixers.base import default_positions
 
@@ -98,7 +98,9 @@ class LanguageModel(nnx.Module):
     (``self.stack``: one :class:`LayerGroup` whose arrays lead with the repeat axis, logical name
     ``layers``) and run under one ``lax.scan``, so compile time does not grow with depth;
     otherwise ``self.layers`` holds the blocks.  Both build the same parameters from the same
-    seed.  ``model.remat`` recomputes each layer (or repeat) in the backward pass.
+    seed.  ``model.remat`` recomputes each layer (or repeat) in the backward pass.  With
+    ``model.sltrain_rank > 0`` every projection of the blocks whose sides both exceed the rank is an
+    SLTrain layer (:mod:`lolax.models.sltrain`); the embedding and the output head stay dense.
 
     >>> from flax import nnx
     >>> import jax.numpy as jnp
@@ -119,12 +121,14 @@ class LanguageModel(nnx.Module):
             self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model,
                                    embedding_init=logical(nnx.initializers.normal(0.02), "vocab", "embed"),
                                    dtype=cfg.compute_dtype, param_dtype=cfg.params_dtype, rngs=rngs)
-            if cfg.scan_layers:
-                p = cfg.pattern_length
-                groups = [LayerGroup(cfg, rngs, r * p) for r in range(cfg.num_layers // p)]
-                self.stack = stack_modules(groups, "layer groups")
-            else:
-                self.layers = nnx.List([Block(cfg, kind, rngs, i) for i, kind in enumerate(cfg.layer_kinds)])
+            # SLTrain (model.sltrain_rank > 0) re-parameterises the blocks' projections only.
+            with sltrain(cfg.sltrain_rank, cfg.sltrain_density, cfg.sltrain_alpha, seed=0):
+                if cfg.scan_layers:
+                    p = cfg.pattern_length
+                    groups = [LayerGroup(cfg, rngs, r * p) for r in range(cfg.num_layers // p)]
+                    self.stack = stack_modules(groups, "layer groups")
+                else:
+                    self.layers = nnx.List([Block(cfg, kind, rngs, i) for i, kind in enumerate(cfg.layer_kinds)])
             self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
             self.lm_head = None if cfg.tie_embeddings else dense(
                 cfg.d_model, cfg.vocab_size, ("embed", "vocab"), rngs, init=nnx.initializers.normal(0.02))

@@ -100,14 +100,32 @@ LLAMA_CONFIGS = {
 
 
 def llama_abstract_params(hidden: int, ffn: int, layers: int, vocab: int = 32000,
-                          dtype=np.float32, **_) -> dict:
+                          dtype=np.float32, sltrain_rank: int = 0, sltrain_density: float = 0.03, **_) -> dict:
     """ShapeDtypeStructs of a LLaMA with untied embeddings, Flax ``(in, out)`` kernels and
-    the module names of :mod:`models` (``attn.q_proj``, ``mlp.gate_proj``, ...)."""
+    the module names of :mod:`models` (``attn.q_proj``, ``mlp.gate_proj``, ...).
+
+    With ``sltrain_rank > 0`` every attention / MLP projection ``(m, n)`` with ``min(m, n) >
+    sltrain_rank`` holds the leaves of an SLTrain layer (``models/sltrain.py``) instead of its
+    kernel: ``lora_a (m, r)``, ``lora_b (r, n)`` and ``sparse_values (round(density m n),)``;
+    the embedding, norms and head stay as they are.
+
+    >>> p = llama_abstract_params(hidden=64, ffn=128, layers=1, vocab=10, sltrain_rank=8)
+    >>> {k: v.shape for k, v in p["layers"]["layers_0"]["mlp"]["up_proj"].items()}
+    {'lora_a': (64, 8), 'lora_b': (8, 128), 'sparse_values': (246,)}
+    """
     s = lambda *shape: jax.ShapeDtypeStruct(shape, dtype)
+
+    def proj(m, n):
+        if not 0 < sltrain_rank < min(m, n):
+            return {"kernel": s(m, n)}
+        # the count of models.sltrain.sltrain_nnz (optim does not import models)
+        nnz = max(1, round(sltrain_density * m * n))
+        return {"lora_a": s(m, sltrain_rank), "lora_b": s(sltrain_rank, n), "sparse_values": s(nnz)}
+
     layer = lambda: {
-        "attn": {n: {"kernel": s(hidden, hidden)} for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
-        "mlp": {"gate_proj": {"kernel": s(hidden, ffn)}, "up_proj": {"kernel": s(hidden, ffn)},
-                "down_proj": {"kernel": s(ffn, hidden)}},
+        "attn": {n: proj(hidden, hidden) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        "mlp": {"gate_proj": proj(hidden, ffn), "up_proj": proj(hidden, ffn),
+                "down_proj": proj(ffn, hidden)},
         "attn_norm": {"scale": s(hidden)}, "mlp_norm": {"scale": s(hidden)},
     }
     return {"embed": {"embedding": s(vocab, hidden)},

@@ -6,6 +6,12 @@ nothing allocated), next to the per-matrix state formula of each method
 (``optax.adamw``); in the low-rank rows the leaves that are not projected keep
 full Adam moments in the aliases' ``'adam'`` branch (the "other (Adam)" column).
 
+The ``SLTrain + AdamW`` rows are a different model, not a different optimizer: every
+attention / MLP weight is re-parameterised as SLTrain (``models/sltrain.py``: ``A (m, r)``,
+``B (r, n)`` and ``round(delta m n)`` sparse values; rank ``r = hidden / 4``, density
+``delta = 0.03``) and trained with plain AdamW, so its parameter column shrinks too; a second
+table adds the weights to the state for AdamW on the dense model against SLTrain.
+
     .venv/bin/python experiments/bench/optim_memory.py [--dtype bfloat16] [--markdown PATH]
 """
 
@@ -31,7 +37,19 @@ FORMULAS = {
     "APOLLO-Mini": "2n + 2",
     "Fira": "GaLore + 1",
     "FRUGAL (rho=0.25)": "mr + 2nr, r = round(rho*m)",
+    "SLTrain + AdamW": "2(mr + rn + delta mn) (A, B, S values)",
 }
+SLTRAIN_DENSITY = 0.03
+
+
+def sltrain_rank(cfg) -> int:
+    return cfg["hidden"] // 4
+
+
+def block_values(params) -> int:
+    """Values of the leaves under an ``attn`` or ``mlp`` block, norms excluded (the projections)."""
+    return sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+               if {"attn", "mlp"} & set(optim.masking.path_names(p)))
 
 
 def optimizers(cfg):
@@ -68,7 +86,33 @@ def table(dtype=jnp.float32):
                              total_M=b["total"]["values"] / 1e6,
                              total_GiB=b["total"]["bytes"] / 2**30,
                              formula=FORMULAS[name]))
+        rows.append(sltrain_row(size, cfg, dtype))
     return rows
+
+
+def sltrain_row(size, cfg, dtype):
+    params = llama_abstract_params(dtype=dtype, sltrain_rank=sltrain_rank(cfg), sltrain_density=SLTRAIN_DENSITY,
+                                   **cfg)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+    n_lin = block_values(params)
+    b = optim.state_bytes(optim.adamw(1e-2), params)
+    adam = sum(v["values"] for k, v in b.items() if k in ("mu", "nu"))
+    return dict(size=size, params_M=n_params / 1e6, linears_M=n_lin / 1e6, optimizer="SLTrain + AdamW",
+                rank=sltrain_rank(cfg), linears_state_M=2 * n_lin / 1e6, other_adam_M=(adam - 2 * n_lin) / 1e6,
+                total_M=b["total"]["values"] / 1e6, total_GiB=b["total"]["bytes"] / 2**30,
+                weights_GiB=optim.param_bytes(params) / 2**30, formula=FORMULAS["SLTrain + AdamW"])
+
+
+def with_weights(rows, dtype=jnp.float32):
+    """Per size: weights + AdamW state of the dense model against the SLTrain model."""
+    out = []
+    for size, cfg in LLAMA_CONFIGS.items():
+        dense = next(r for r in rows if r["size"] == size and r["optimizer"] == "AdamW")
+        slt = next(r for r in rows if r["size"] == size and r["optimizer"] == "SLTrain + AdamW")
+        dense_w = optim.param_bytes(llama_abstract_params(dtype=dtype, **cfg)) / 2**30
+        out.append(dict(size=size, rank=slt["rank"], dense_M=dense["params_M"], sltrain_M=slt["params_M"],
+                        dense_GiB=dense_w + dense["total_GiB"], sltrain_GiB=slt["weights_GiB"] + slt["total_GiB"]))
+    return out
 
 
 def markdown(rows, dtype_name):
@@ -82,6 +126,15 @@ def markdown(rows, dtype_name):
         out.append(f"| {r['size']} | {r['params_M']:.2f}M ({r['linears_M']:.2f}M) | {r['optimizer']} "
                    f"| {r['rank']} | {r['linears_state_M']:.3f}M | {r['other_adam_M']:.2f}M "
                    f"| {r['total_M']:.2f}M | {r['total_GiB']:.3f} | {r['formula']} |")
+    out += ["", f"Weights plus AdamW state ({dtype_name} weights and states): the dense model against "
+            f"SLTrain (rank hidden/4, density {SLTRAIN_DENSITY}) on every attention/MLP weight; "
+            "embeddings and head stay dense in both.", "",
+            "| model | SLTrain rank | params dense | params SLTrain | dense + AdamW GiB | SLTrain + AdamW GiB "
+            "| SLTrain / dense |",
+            "|---|---|---|---|---|---|---|"]
+    for r in with_weights(rows, jnp.dtype(dtype_name)):
+        out.append(f"| {r['size']} | {r['rank']} | {r['dense_M']:.2f}M | {r['sltrain_M']:.2f}M "
+                   f"| {r['dense_GiB']:.3f} | {r['sltrain_GiB']:.3f} | {r['sltrain_GiB'] / r['dense_GiB']:.2f} |")
     return "\n".join(out)
 
 
