@@ -137,6 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
               f"{counts['trainable']:,} trainable values ({counts['trainable'] / counts['base']:.3%} of the "
               f"{counts['base']:,} base parameters), {counts['buffers']:,} frozen adapter values")
     train_params = nnx.split_state(state.params, trainable, ...)[0]
+    trainable_values = sum(int(x.size) for x in jax.tree.leaves(train_params))
     print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, train_params))}")
 
     # Steps are traced under jax.set_mesh(mesh) below: with a sequence axis > 1 the mixers run
@@ -185,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
         checkpointer.close()
 
     plot_loss(writer.path, f"{workdir}/loss.png")
-    summary = {"step": step, **last}
+    summary = {"step": step, "trainable_params": trainable_values, **last}
     if step >= t.steps and t.sample_tokens > 0:
         summary["sample"] = sample_text(graphdef, state.params, t, config.seed)
         print(f"--- sample ({t.sample_tokens} bytes, temperature {t.sample_temperature}) ---")
