@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from experiments.checkpoint import CONFIG_FILE, Checkpointer, abstract_like
+from experiments.checkpoint import CONFIG_FILE, Checkpointer
 from experiments.configs.presets import apply_preset
 from experiments.optimizers import make_optimizer
 from experiments.train_state import TrainState, init_state

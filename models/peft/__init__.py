@@ -6,9 +6,20 @@ back into ordinary kernels. Methods (``METHODS``): ``lora``, ``rslora``, ``dora`
 ``nola``, ``randlora``, ``lora_sb``, ``eva``, ``svfit``, ``loldu``. See ``docs/peft.md``.
 """
 
-from . import decomposition, lora, random_bases, data_init  # noqa: F401  (register the methods)
-from .api import (adapted_layers, adapter_state, apply, base_state, count, default_loss, fingerprint,
-                  linear_layers, merge, set_rank, trainable)
+from . import data_init, decomposition, lora, random_bases  # noqa: F401  (register the methods)
+from .api import (
+    adapted_layers,
+    adapter_state,
+    apply,
+    base_state,
+    count,
+    default_loss,
+    fingerprint,
+    linear_layers,
+    merge,
+    set_rank,
+    trainable,
+)
 from .config import METHOD_NAMES, PeftConfig
 from .core import ADAPTER_STATE, METHODS, AdaptedLinear, Adapter, AdapterBuffer, training
 
