@@ -29,14 +29,33 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _field_defaults() -> dict[str, Any]:
+    """Defaults of the model and adapter fields (``model.<f>``, ``peft.<f>``; no adapters): what a
+    config written before a field existed meant by leaving it out."""
+    from lolax.models import ModelConfig, peft
+
+    out = {f"model.{k}": v for k, v in ModelConfig().to_dict().items()}
+    out.update({f"peft.{k}": v for k, v in peft.PeftConfig().to_dict().items()})
+    out["peft.method"] = ""
+    return out
+
+
 def check_compatible(workdir: str, config: dict) -> None:
-    """Raises ValueError if ``workdir`` holds a run whose state-defining config differs."""
+    """Raises ValueError if ``workdir`` holds a run whose state-defining config differs.
+
+    A field missing from the saved config (written before the field existed) counts as its
+    default, so adding a model or adapter option does not lock older runs out.
+    """
     path = os.path.join(workdir, CONFIG_FILE)
     if not os.path.exists(path):
         return
     with open(path) as f:
         saved = _flatten(json.load(f))
     current = _flatten(config)
+    defaults = _field_defaults()
+    for key in set(current) - set(saved):
+        if key in defaults and _same(current[key], defaults[key]):
+            saved[key] = current[key]
     diffs = []
     for key in sorted(set(saved) | set(current)):
         if any(key == p or key.startswith(p + ".") for p in STATE_DEFINING) and saved.get(key) != current.get(key):
@@ -45,6 +64,12 @@ def check_compatible(workdir: str, config: dict) -> None:
         raise ValueError(
             f"workdir {workdir!r} holds checkpoints from an incompatible config:\n  " + "\n  ".join(diffs)
             + "\nUse a new --workdir, or the same settings to resume.")
+
+
+def _same(value, default) -> bool:
+    if isinstance(default, tuple):            # peft.targets: a tuple in PeftConfig, a string in configs
+        return value in (default, ",".join(default), list(default))
+    return value == default
 
 
 def write_config(workdir: str, config: dict) -> None:

@@ -275,3 +275,14 @@ def test_bad_apply():
 def test_scaling_constants():
     assert peft.METHODS["lora"].scale(peft.PeftConfig(rank=4, alpha=8.0)) == 2.0
     assert peft.METHODS["rslora"].scale(peft.PeftConfig(rank=4, alpha=8.0)) == 8.0 / math.sqrt(4)
+
+
+def test_merge_refuses_a_method_that_cannot_merge():
+    class Gated(peft.METHODS["lora"]):
+        method, mergeable = "gated_test", False
+
+    model = Holder()
+    layer = Gated(model.q_proj, peft.PeftConfig("lora", rank=2), nnx.Rngs(0), 0, "q_proj")
+    model.q_proj = layer
+    with pytest.raises(ValueError, match="'gated_test' cannot be merged into a kernel \\(layer q_proj\\)"):
+        peft.merge(model)

@@ -121,3 +121,22 @@ def test_init_from_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no checkpoints"):
         finetune.load_base(str(tmp_path))
     assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_runs_saved_before_a_field_existed_still_resume(tmp_path):
+    """A config.json without the adapter or SLTrain fields means their defaults: resumable, and
+    refused as soon as one of them is set to something else."""
+    from experiments.checkpoint import check_compatible
+    from experiments.configs.lm_shakespeare import get_config
+
+    current = get_config().to_dict()
+    old = {k: v for k, v in current.items() if k not in ("peft", "init_from")}
+    old["model"] = {k: v for k, v in current["model"].items() if not k.startswith("sltrain")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    check_compatible(str(tmp_path), current)
+    current["peft"]["method"] = "lora"
+    with pytest.raises(ValueError, match="peft.method: checkpoint has None, config has 'lora'"):
+        check_compatible(str(tmp_path), current)
+    current["peft"]["method"], current["model"]["sltrain_rank"] = "", 8
+    with pytest.raises(ValueError, match="model.sltrain_rank"):
+        check_compatible(str(tmp_path), current)
