@@ -140,3 +140,30 @@ def test_runs_saved_before_a_field_existed_still_resume(tmp_path):
     current["peft"]["method"], current["model"]["sltrain_rank"] = "", 8
     with pytest.raises(ValueError, match="model.sltrain_rank"):
         check_compatible(str(tmp_path), current)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eva", "lora_sb", "nola"])
+def test_data_driven_and_seeded_adapters_resume_and_merge(text_file, pretrained, tmp_path, method):  # noqa: F811
+    """Data-driven inits are recomputed on resume (then overwritten by the checkpoint); seeded
+    bases are regenerated; merging reproduces the adapted model."""
+    workdir = tmp_path / method
+    c = adapter_config(text_file, pretrained, steps=5, method=method, rank=4, init_batches=2)
+    run(c, workdir)
+    c.train.steps = 7
+    assert run(c, workdir)["step"] == 7
+    adapted, *_ = finetune.restore_adapted(str(workdir))
+    merge_run(str(workdir), str(tmp_path / "merged"))
+    merged = finetune.load_base(str(tmp_path / "merged"))
+    model_m, _ = finetune.build_model(merged.model, 0, merged, None)
+    x = jnp.asarray(np.arange(40).reshape(2, 20) % 97)
+    np.testing.assert_allclose(np.asarray(model_m(x)), np.asarray(adapted(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_sltrain_model_trains_through_the_script(text_file, tmp_path):  # noqa: F811
+    c = tiny_config(text_file, steps=4)
+    c.model.sltrain_rank, c.model.sltrain_density = 4, 0.05
+    summary = run(c, tmp_path / "sltrain")
+    assert summary["step"] == 4 and np.isfinite(summary["train_loss"])
+    dense = tiny_config(text_file, steps=1)
+    assert summary["trainable_params"] < run(dense, tmp_path / "dense")["trainable_params"]
