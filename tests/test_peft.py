@@ -85,7 +85,11 @@ def test_merge_equals_adapted_forward(method):
     assert peft.adapted_layers(model), "merge must not change the adapted model"
 
 
-@pytest.mark.parametrize("method", peft.METHOD_NAMES)
+BF16_DEFAULT = ("lora", "dora", "nola", "svfit")     # the others under -m slow
+
+
+@pytest.mark.parametrize("method", [m if m in BF16_DEFAULT else pytest.param(m, marks=pytest.mark.slow)
+                                    for m in peft.METHOD_NAMES])
 def test_bf16_compute_runs(method):
     model, before = adapted(method, cfg=ModelConfig(**{**CFG.to_dict(), "dtype": "bfloat16"}))
     perturb(model)
