@@ -84,13 +84,8 @@ def load_base(path: str, current: ModelConfig | None = None) -> Base:
             raise ValueError(f"init_from = {path!r} holds no checkpoint (nothing under {checkpointer.directory})")
         saved_cfg = ml_collections.ConfigDict(saved)
         tx = make_optimizer(saved_cfg.optim, saved_cfg.train.steps)
-        box = {}
-
-        def state():
-            box["graphdef"], s = init_state(model_cfg, tx, saved_cfg.seed)
-            return s
-
-        abstract = jax.eval_shape(state)
+        # the saved run's whole state, described without allocating (its parameters are what we keep)
+        abstract = jax.eval_shape(lambda: init_state(model_cfg, tx, saved_cfg.seed)[1])
         restored, _ = checkpointer.restore(step, abstract)
     finally:
         checkpointer.close()
