@@ -22,11 +22,6 @@ from experiments.optimizers import make_optimizer
 from experiments.train_state import TrainState
 from lolax.models import peft
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The adapter run's folder.")
-_OUT = flags.DEFINE_string("out", None, "Folder to write the merged run to (must not hold checkpoints).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint to merge (default: the newest).")
-flags.mark_flags_as_required(["workdir", "out"])
-
 
 def merge_run(workdir: str, out: str, step: int | None = None) -> dict:
     """Writes the merged run to ``out``; returns its config dict."""
@@ -56,9 +51,20 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes
-    merge_run(_WORKDIR.value, _OUT.value, _STEP.value)
-    print(f"merged {_WORKDIR.value} into {_OUT.value}")
+    f = flags.FLAGS
+    merge_run(f.workdir, f.out, f.step)
+    print(f"merged {f.workdir} into {f.out}")
+
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script, so that importing
+    ``merge_run`` next to other scripts' modules cannot clash over flag names)."""
+    flags.DEFINE_string("workdir", None, "The adapter run's folder.")
+    flags.DEFINE_string("out", None, "Folder to write the merged run to (must not hold checkpoints).")
+    flags.DEFINE_integer("step", None, "Checkpoint to merge (default: the newest).")
+    flags.mark_flags_as_required(["workdir", "out"])
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -60,13 +60,6 @@ RUNS = (
     ("loldu r=32", {"method": "loldu", "rank": 32}, 1e-2),
 )
 
-_OUT = flags.DEFINE_string("out", "runs/peft_sweep", "Folder for the runs and the data split.")
-_RESULTS = flags.DEFINE_string("results", None, "Folder for the JSON, table and plot (default: --out).")
-_STEPS = flags.DEFINE_integer("steps", 300, "Fine-tuning steps per run.")
-_PRETRAIN_STEPS = flags.DEFINE_integer("pretrain_steps", 1000, "Pretraining steps (make train: 1000).")
-_ONLY = flags.DEFINE_list("only", None, "Run only these entries of RUNS (by name).")
-
-
 def split_corpus(out: str) -> tuple[str, str]:
     """Folders of links to the embedded texts: the plays (pretraining) and the poems (held out)."""
     plays, poems = os.path.join(out, "data", "plays"), os.path.join(out, "data", "poems")
@@ -209,10 +202,21 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    results = sweep(_OUT.value, _RESULTS.value or _OUT.value, _STEPS.value, _PRETRAIN_STEPS.value, _ONLY.value)
+    f = flags.FLAGS
+    results = sweep(f.out, f.results or f.out, f.steps, f.pretrain_steps, f.only)
     best = min(results, key=lambda r: r["val_bpb"] if not math.isnan(r["val_bpb"]) else math.inf)
     print(f"best: {best['name']} ({best['val_bpb']:.4f} bits per byte)")
 
 
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a script; see ``experiments.merge``)."""
+    flags.DEFINE_string("out", "runs/peft_sweep", "Folder for the runs and the data split.")
+    flags.DEFINE_string("results", None, "Folder for the JSON, table and plot (default: --out).")
+    flags.DEFINE_integer("steps", 300, "Fine-tuning steps per run.")
+    flags.DEFINE_integer("pretrain_steps", 1000, "Pretraining steps (make train: 1000).")
+    flags.DEFINE_list("only", None, "Run only these entries of RUNS (by name).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

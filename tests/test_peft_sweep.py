@@ -36,3 +36,15 @@ def test_miniature_sweep(tmp_path):
     assert all(r["val_bpb"] == r["val_bpb"] for r in results)              # no NaN
     again = peft_sweep.sweep(str(tmp_path), str(tmp_path), steps=2, pretrain_steps=2, only=["lora r=8"])
     assert again[1]["val_bpb"] == results[1]["val_bpb"]                     # finished runs are reported again
+
+
+def test_scripts_import_together():
+    """The scripts' flags are defined only when run, so their modules import side by side
+    (the test suite imports them into one process)."""
+    import importlib
+
+    for name in ("experiments.train", "experiments.merge", "experiments.peft_sweep"):
+        importlib.import_module(name)
+    from absl import flags
+
+    assert "pretrain_steps" not in flags.FLAGS and "step" not in flags.FLAGS
