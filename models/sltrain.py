@@ -37,8 +37,8 @@ stream word ``s`` is mixed on the host from ``seed`` and ``layer_id``.  A threef
 inlined into the program at every layer and made compilation noticeably slower: in one ad-hoc
 trial (an 8-layer ``LS`` model of width 32, AdamW train step, 2 busy CPU cores; no committed
 script) it compiled in 6-8 s dense, 24-27 s with threefry supports and 8-16 s with this hash.
-The hash is plain uint32 arithmetic, so the support is the same on every backend and does not depend on ``jax_default_prng_impl``;
-the modulo bias is below ``length / 2**32``.
+The hash is plain uint32 arithmetic, so the support is the same on every backend and does not
+depend on ``jax_default_prng_impl``; the modulo bias is below ``length / 2**32``.
 Which entries are chosen depends only on ``(seed, layer_id, in, out, density)``, never on the
 parameter values or the ``Rngs``.
 
