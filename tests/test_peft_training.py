@@ -167,3 +167,21 @@ def test_sltrain_model_trains_through_the_script(text_file, tmp_path):  # noqa: 
     assert summary["step"] == 4 and np.isfinite(summary["train_loss"])
     dense = tiny_config(text_file, steps=1)
     assert summary["trainable_params"] < run(dense, tmp_path / "dense")["trainable_params"]
+
+
+def test_merge_and_base_errors(pretrained, tmp_path):
+    with pytest.raises(ValueError, match="is not an adapter run"):
+        finetune.restore_adapted(str(pretrained))
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "config.json").write_text((pretrained / "config.json").read_text())
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        finetune.load_base(str(tmp_path))
+
+
+def test_an_adapter_without_delta_says_so():
+    class Unfinished(peft.AdaptedLinear):
+        method = "unfinished"
+
+    layer = Unfinished(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), peft.PeftConfig(rank=2), nnx.Rngs(0), 0, "q_proj")
+    with pytest.raises(NotImplementedError, match=r"Unfinished \(peft.method = 'unfinished'\) must define delta"):
+        layer(jnp.ones((1, 4)))

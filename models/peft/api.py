@@ -28,9 +28,8 @@ def _matches(targets, path: tuple) -> bool:
 
 
 def linear_layers(model: nnx.Module) -> list[tuple[tuple, nnx.Linear]]:
-    """Every plain ``nnx.Linear`` of ``model`` with its path, in path order."""
-    return [(path, m) for path, m in nnx.iter_modules(model)
-            if type(m) is nnx.Linear or (isinstance(m, nnx.Linear) and not isinstance(m, AdaptedLinear))]
+    """Every ``nnx.Linear`` of ``model`` (adapted layers are not ones) with its path, in path order."""
+    return [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, nnx.Linear)]
 
 
 def adapted_layers(model: nnx.Module) -> list[tuple[tuple, AdaptedLinear]]:

@@ -122,7 +122,7 @@ class AdaptedLinear(nnx.Module):
     # -- what subclasses implement -------------------------------------------------------------
     def delta(self) -> jax.Array:
         """The correction ``dW [in, out]`` (float32) the adapter adds to the kernel."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} (peft.method = {self.method!r}) must define delta()")
 
     def adapter(self, x: jax.Array) -> jax.Array:
         """The adapter branch on ``x [..., in]`` -> ``[..., out]`` (default ``x @ delta()``)."""
