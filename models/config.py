@@ -18,6 +18,14 @@ tiled over ``num_layers``.
 | ``S``  | ``softmax`` (``attn``)        | softmax attention, rotary, grouped-query heads          |
 | ``W``  | ``swa``                       | sliding-window softmax attention (``window`` keys)      |
 | ``C``  | ``conv`` (``baseconv``)       | BaseConv: a gated short convolution (``conv_size`` taps) |
+
+Softmax and sliding-window layers take the options of the common pretrained checkpoints
+(:mod:`lolax.models.hf`): biases on q/k/v (``qkv_bias``) and on the output (``o_bias``), a
+per-head RMSNorm of q and k before rotary (``qk_norm``), rotary scaling (``rope_scaling``:
+``linear`` divides every frequency by ``rope_scaling_factor``; ``llama3`` divides the low
+frequencies only and blends the middle band, with ``rope_low_freq_factor``,
+``rope_high_freq_factor`` and ``rope_original_max_len``), an explicit ``head_dim`` and
+``tie_embeddings``.  They are ordinary options: a model trained from scratch may use them too.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import dataclasses
 from typing import Any, Mapping
 
 import jax.numpy as jnp
+import numpy as np
 
 from ..ops.feature_maps import FEATURE_MAPS
 from ..ops.simple_gla import LIGHTNING_DECAYS
@@ -45,6 +54,7 @@ MIXER_NAMES = tuple(MIXER_LETTERS.values())
 HEDGEHOG_FORMS = ("fla", "lolcats")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "dots", "full")
+ROPE_SCALINGS = ("none", "linear", "llama3")
 
 
 def parse_pattern(pattern: str) -> tuple[str, ...]:
@@ -111,6 +121,14 @@ class ModelConfig:
     sltrain_rank: int = 0                # > 0: blocks' projections are SLTrain (alpha/r) A B + S (models/sltrain.py)
     sltrain_density: float = 0.03        # SLTrain: fraction of each weight's entries in the sparse part S
     sltrain_alpha: float = 32.0          # SLTrain: the low-rank product is scaled by alpha / rank
+    qkv_bias: bool = False               # softmax-family layers: biases on the q, k, v projections
+    o_bias: bool = False                 # softmax-family layers: bias on the output projection
+    qk_norm: bool = False                # softmax-family layers: per-head RMSNorm of q and k before rotary
+    rope_scaling: str = "none"           # rotary frequency scaling: none | linear | llama3
+    rope_scaling_factor: float = 1.0     # linear / llama3: how much longer the context gets
+    rope_low_freq_factor: float = 1.0    # llama3: wavelengths above original_max_len / this are divided
+    rope_high_freq_factor: float = 4.0   # llama3: wavelengths below original_max_len / this are kept
+    rope_original_max_len: int = 8192    # llama3: the context length the model was pretrained at
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "window",
@@ -191,6 +209,21 @@ class ModelConfig:
             raise ValueError("model.sltrain_rank > 0 cannot be combined with model.scan_layers = True: every "
                              "SLTrain layer draws its own sparse support from a static layer id, so the "
                              "repeats of the pattern differ and cannot be stacked; set model.scan_layers = False")
+        for name in ("qkv_bias", "o_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"model.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"model.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+        for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"model.{name} must be a number > 0, got {value!r}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ValueError(f"model.rope_high_freq_factor = {self.rope_high_freq_factor} must exceed "
+                             f"model.rope_low_freq_factor = {self.rope_low_freq_factor} for llama3 rotary scaling")
+        value = self.rope_original_max_len
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.rope_original_max_len must be a positive int, got {value!r}")
         rotary_kinds = {"softmax", "swa", "retnet"}
         if rotary_kinds & set(kinds) and self.head_size % 2:
             raise ValueError(f"model.head_dim = {self.head_size} must be even for rotary embeddings "
@@ -219,6 +252,25 @@ class ModelConfig:
     def pattern_length(self) -> int:
         """Layers in one repeat of the pattern (what a scanned model stacks)."""
         return len(parse_pattern(self.pattern))
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """The rotary inverse frequencies ``[head_size / 2]`` (float64), scaled by ``rope_scaling``."""
+        d = self.head_size
+        inv_freq = self.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        factor = float(self.rope_scaling_factor)
+        if self.rope_scaling == "linear":
+            return inv_freq / factor
+        if self.rope_scaling == "llama3":
+            low, high = float(self.rope_low_freq_factor), float(self.rope_high_freq_factor)
+            wavelen = 2 * np.pi / inv_freq
+            # long wavelengths (beyond the pretraining context / low) are stretched by the factor,
+            # short ones (under context / high) kept, and the band between blended linearly
+            scaled = np.where(wavelen > self.rope_original_max_len / low, inv_freq / factor, inv_freq)
+            smooth = (self.rope_original_max_len / wavelen - low) / (high - low)
+            blended = (1 - smooth) * scaled / factor + smooth * scaled
+            middle = (wavelen >= self.rope_original_max_len / high) & (wavelen <= self.rope_original_max_len / low)
+            return np.where(middle, blended, scaled)
+        return inv_freq
 
     @property
     def kv_heads(self) -> int:

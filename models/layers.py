@@ -219,12 +219,20 @@ class ShortConv(nnx.Module):
         return self._act(y), window[:, 1:].astype(state.dtype)
 
 
-def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0) -> jax.Array:
-    """Rotary position embedding on ``x [B, T, H, D]`` (D even) at integer ``positions [B, T]``."""
+def rotary(x: jax.Array, positions: jax.Array, theta: float = 10_000.0, inv_freq=None) -> jax.Array:
+    """Rotary position embedding on ``x [B, T, H, D]`` (D even) at integer ``positions [B, T]``.
+
+    The first and second halves of the head dimension form the rotated pairs.  ``inv_freq
+    [D / 2]`` overrides the frequencies ``theta ** (-2i / D)`` (scaled rotary, see
+    :meth:`lolax.models.ModelConfig.rope_inv_freq`).
+    """
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary embeddings need an even head size, got {d}")
-    freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    if inv_freq is None:
+        freq = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
+    else:
+        freq = jnp.asarray(inv_freq, jnp.float32)
     angle = positions[..., None].astype(jnp.float32) * freq                 # [B, T, D/2]
     cos, sin = jnp.cos(angle)[:, :, None, :], jnp.sin(angle)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)

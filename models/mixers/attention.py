@@ -1,5 +1,9 @@
 """Softmax attention with rotary embeddings and grouped-query heads; sliding-window attention.
 
+Options of the common pretrained checkpoints come from the model config: ``qkv_bias`` /
+``o_bias`` (projection biases), ``qk_norm`` (a per-head RMSNorm of q and k, applied before
+rotary) and ``rope_scaling`` (scaled rotary frequencies).
+
 Decoding keeps a KV cache of fixed length ``max_len`` (prompt + new tokens) for full attention
 and a ring buffer of ``min(window, max_len)`` slots for sliding windows.
 """
@@ -13,7 +17,7 @@ from flax import nnx
 
 from .. import dispatch
 from ..config import ModelConfig
-from ..layers import dense, rotary
+from ..layers import RMSNorm, dense, rotary
 from .base import Mixer
 
 
@@ -24,19 +28,35 @@ class SoftmaxAttention(Mixer):
         h, kv, d = cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
         self.rope_theta, self.window = cfg.rope_theta, window
+        self.inv_freq = tuple(float(f) for f in cfg.rope_inv_freq())
         self.sequence_attention = cfg.sequence_attention
         self.implementation = cfg.implementation
-        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.k_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
-        self.v_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs)
-        self.o_proj = dense(h * d, cfg.d_model, ("heads", "embed"), rngs)
+        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs, use_bias=cfg.qkv_bias)
+        self.k_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs, use_bias=cfg.qkv_bias)
+        self.v_proj = dense(cfg.d_model, kv * d, ("embed", "kv_heads"), rngs, use_bias=cfg.qkv_bias)
+        self.o_proj = dense(h * d, cfg.d_model, ("heads", "embed"), rngs, use_bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.norm_eps, axis_name="kv")
+            self.k_norm = RMSNorm(d, cfg.norm_eps, axis_name="kv")
+        else:
+            self.q_norm = self.k_norm = None
+
+    def _heads(self, x):
+        """``[B, T, D] -> (q [B, T, H, d], k, v [B, T, Hkv, d])`` before rotary (q/k normed if set)."""
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def _rotary(self, x, positions):
+        return rotary(x, positions, self.rope_theta, inv_freq=self.inv_freq)
 
     def _qkv(self, x, positions):
-        b, t, _ = x.shape
-        q = rotary(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), positions, self.rope_theta)
-        k = rotary(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), positions, self.rope_theta)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        return q, k, v
+        q, k, v = self._heads(x)
+        return self._rotary(q, positions), self._rotary(k, positions), v
 
     def cache_size(self, max_len: int) -> int:
         return max_len if self.window is None else min(self.window, max_len)
