@@ -6,11 +6,10 @@ r"""Train a byte-level language model.
 Rerunning with the same ``--workdir`` resumes from its newest checkpoint.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from experiments.cli import parse_flags
 from experiments.trainer import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -27,18 +26,6 @@ def main(argv):
     summary = train(_CONFIG.value, _WORKDIR.value)
     print(f"final: step {summary['step']}, validation loss {summary['val_loss']:.4f}, "
           f"bits per byte {summary['val_bpb']:.4f}, {summary['tokens_per_s']:,.0f} tokens/s")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing, with a one-line error (not a traceback) for a bad ``--config.*`` key."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
-        detail = str(e.args[0] if e.args else e)
-        detail = " ".join(detail.replace("\\n", " ").replace("\\'", "").replace("'", "").split())
-        sys.exit(f"error: unknown config key in a --config override: {detail}")
-    except flags.Error as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

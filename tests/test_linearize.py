@@ -1,0 +1,133 @@
+"""Linearisation: student building, attention transfer, the whole pipeline and its resume."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from test_train import tiny_config
+
+from experiments import finetune, transfer
+from experiments.configs.linearize import get_config as linearize_config
+from experiments.data import load_corpus
+from experiments.linearize import linearize, load_teacher
+from experiments.trainer import train
+from lolax.models import LanguageModel, ModelConfig, generate
+
+TEACHER = ModelConfig(d_model=32, num_layers=2, pattern="S", num_heads=4, num_kv_heads=2, chunk_size=16)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "plays.txt"
+    path.write_bytes(load_corpus().train[:60_000].tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, text_file):
+    """A two-layer softmax teacher with grouped-query heads, trained for a few steps."""
+    c = tiny_config(text_file, steps=30)
+    c.model.pattern, c.model.num_heads, c.model.num_kv_heads = "S", 4, 2
+    workdir = tmp_path_factory.mktemp("teacher")
+    train(c, str(workdir), show_progress=False)
+    return workdir
+
+
+def tiny_linearize(teacher_dir, text_file, method, **changes):
+    c = linearize_config()
+    c.teacher, c.method = str(teacher_dir), method
+    c.data.path, c.data.seq_len, c.data.batch_size = str(text_file), 32, 4
+    c.window, c.mesh.data = 8, 1
+    c.transfer.steps, c.transfer.log_every, c.transfer.eval_every, c.transfer.checkpoint_every = 6, 2, 3, 3
+    c.transfer.eval_batches = 1
+    c.recovery.steps, c.recovery.log_every, c.recovery.eval_every, c.recovery.checkpoint_every = 4, 2, 4, 2
+    c.recovery.eval_batches, c.recovery.sample_tokens = 1, 0
+    for key, value in changes.items():
+        c[key] = value
+    return c
+
+
+def test_student_copies_the_teacher_and_widens_grouped_heads():
+    teacher = LanguageModel(TEACHER, nnx.Rngs(0))
+    cfg = transfer.student_config(TEACHER, "transfer", "gated_deltanet")
+    student = transfer.build_student(teacher, cfg, seed=1)
+    assert cfg.layer_kinds == ("gated_deltanet",) * 2 and student.replaced == (0, 1)
+    assert "layers/0/attn/q_proj/kernel" in student.copied and "embed/embedding" in student.copied
+    assert "layers/0/attn/A_log" in student.new and "layers/1/attn/k_conv/weight" in student.new
+    t_attn, s_attn = teacher.layers[0].attn, student.model.layers[0].attn
+    k_t = np.asarray(t_attn.k_proj.kernel[...]).reshape(32, 2, 8)
+    k_s = np.asarray(s_attn.k_proj.kernel[...]).reshape(32, 4, 8)
+    np.testing.assert_array_equal(k_s[:, 0], k_t[:, 0])
+    np.testing.assert_array_equal(k_s[:, 1], k_t[:, 0])      # query heads 0, 1 share kv head 0
+    np.testing.assert_array_equal(k_s[:, 3], k_t[:, 1])
+    conv = np.asarray(s_attn.k_conv.weight[...])
+    np.testing.assert_array_equal(conv[-1], 1.0)
+    np.testing.assert_array_equal(conv[:-1], 0.0)
+    np.testing.assert_array_equal(np.asarray(student.model.layers[1].mlp.up_proj.kernel[...]),
+                                  np.asarray(teacher.layers[1].mlp.up_proj.kernel[...]))
+
+
+@pytest.mark.parametrize("method, target, message", [
+    ("hedgehogify", "gla", "method = 'hedgehogify' is unknown"),
+    ("transfer", "mom", "target = 'mom'"),
+    ("transfer", "gla,gla", "target = 'gla,gla'"),
+])
+def test_bad_settings_are_named(method, target, message):
+    with pytest.raises(ValueError, match=message):
+        transfer.student_config(TEACHER, method, target)
+
+
+def test_teacher_without_softmax_layers_is_refused():
+    with pytest.raises(ValueError, match="no softmax layers"):
+        transfer.student_config(ModelConfig(d_model=32, num_layers=2, pattern="E", num_heads=4), "lolcats")
+
+
+def test_transfer_lowers_the_layer_mse_and_trains_only_new_parameters(teacher_dir, text_file):
+    teacher = load_teacher(str(teacher_dir), {})
+    cfg = transfer.student_config(teacher.config, "transfer", "gated_deltanet")
+    student = transfer.build_student(teacher, cfg)
+    tx = optax.adam(1e-2)
+    graphdef, state = transfer.init_transfer(student, tx)
+    step = transfer.transfer_step(graphdef, teacher, tx, student.new, student.replaced)
+    mse = transfer.transfer_eval(graphdef, teacher, student.replaced)
+    tokens = jnp.asarray(load_corpus(str(text_file)).train[:4 * 32].reshape(4, 32).astype(np.int32))
+    before = float(mse(state.params, tokens))
+    start = state.params
+    for _ in range(15):
+        state, _ = step(state, tokens)
+    assert float(mse(state.params, tokens)) < 0.7 * before
+    moved = {"/".join(map(str, p)) for p, v in nnx.to_flat_state(state.params)
+             if not np.array_equal(np.asarray(v[...]), np.asarray(_get(start, p)[...]))}
+    assert moved and moved <= set(student.new)
+
+
+def _get(state, path):
+    for key in path:
+        state = state[key]
+    return state
+
+
+def test_pipeline_resumes_and_ends_in_an_ordinary_run(teacher_dir, text_file, tmp_path, capsys):
+    c = tiny_linearize(teacher_dir, text_file, "transfer", target="gla")
+    summary = linearize(c, str(tmp_path / "gla"), show_progress=False)
+    assert summary["student_pattern"] == "gla,gla"
+    assert summary["tokens"] == {"transfer": 6 * 4 * 32, "recovery": 4 * 4 * 32, "total": 10 * 4 * 32}
+    for key in ("teacher_val_bpb", "student_val_bpb", "final_val_bpb", "val_mse"):
+        assert np.isfinite(summary[key]), key
+    saved = json.load(open(tmp_path / "gla" / "linearize.json"))
+    assert saved["final_val_bpb"] == summary["final_val_bpb"]
+    # the result is an ordinary run folder: it loads, generates and can be a new run's init_from
+    final = finetune.load_base(str(tmp_path / "gla" / "final"))
+    assert final.model.layer_kinds == ("gla", "gla")
+    model, _ = finetune.build_model(final.model, 0, final, None)
+    tokens = generate(model, jnp.zeros((1, 3), jnp.int32), 5, temperature=0.0)
+    assert tokens.shape == (1, 5)
+    # rerunning finds every stage finished and reports the same figures
+    again = linearize(c, str(tmp_path / "gla"), show_progress=False)
+    assert again["final_val_bpb"] == pytest.approx(summary["final_val_bpb"])
+    # other settings in the same workdir are refused
+    with pytest.raises(ValueError, match="method: workdir has 'transfer'"):
+        linearize(tiny_linearize(teacher_dir, text_file, "liger"), str(tmp_path / "gla"), show_progress=False)
