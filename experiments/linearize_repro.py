@@ -1,0 +1,184 @@
+r"""Linearisation against training from scratch, on the embedded corpus: quality, tokens, decoding.
+
+    python -m experiments.linearize_repro --out=runs/linearize_repro [--results=docs/results]
+
+1. Trains the teacher (``experiments/configs/lm_teacher.py``: four softmax layers with grouped
+   heads) unless ``--out`` already holds it.
+2. Linearises it three ways with ``experiments.linearize``: LoLCATs, Liger and attention transfer
+   to Gated DeltaNet, each with ``--window`` keys of sliding window where it has one.
+3. Trains the Gated DeltaNet student's architecture from scratch on as many tokens as the
+   longest linearisation used.
+4. Measures every model on the same validation windows, the size of its decoding state at two
+   context lengths, and its greedy decoding speed (batch 1; repetitions interleaved across the
+   models, median reported), and writes ``linearize.json``, a Markdown table and
+   ``linearize.png`` to ``--results``.
+
+Every stage resumes: rerunning with the same ``--out`` skips what is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from experiments import finetune  # noqa: E402
+from experiments.configs.linearize import get_config as linearize_config  # noqa: E402
+from experiments.configs.lm_teacher import get_config as teacher_config  # noqa: E402
+from experiments.data import eval_windows, load_corpus  # noqa: E402
+from experiments.linearize import linearize  # noqa: E402
+from experiments.train_state import evaluate, make_eval_step  # noqa: E402
+from experiments.trainer import train  # noqa: E402
+from lolax.models import LanguageModel, generate  # noqa: E402
+
+# (name, linearize config changes)
+LINEARISATIONS = (
+    ("lolcats", {"method": "lolcats"}),
+    ("liger", {"method": "liger"}),
+    ("gdn transfer", {"method": "transfer", "target": "gated_deltanet"}),
+)
+SCRATCH_PATTERN = "E"           # the Gated DeltaNet student's layers, trained from scratch
+
+
+def run_folder_model(path: str) -> LanguageModel:
+    base = finetune.load_base(path)
+    model = nnx.eval_shape(lambda: LanguageModel(base.model, nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(jnp.asarray, base.params))
+    return model
+
+
+def decode_state_bytes(model: LanguageModel, context: int) -> int:
+    """Bytes of the decoding caches for a context of ``context`` tokens (batch 1)."""
+    graphdef, state = nnx.split(model)
+    caches = jax.eval_shape(lambda s: nnx.merge(graphdef, s).prefill(jnp.zeros((1, 8), jnp.int32),
+                                                                     max_len=context)[1], state)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
+
+
+def decode_speeds(models: dict[str, LanguageModel], prompt_len: int, new_tokens: int, repeats: int) -> dict:
+    """Greedy decoding tokens/s per model, batch 1: compiled first, then ``repeats`` timed
+    rounds visiting every model in turn; the median round per model."""
+    prompt = jnp.ones((1, prompt_len), jnp.int32)
+    for model in models.values():
+        generate(model, prompt, new_tokens, temperature=0.0).block_until_ready()
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            generate(model, prompt, new_tokens, temperature=0.0).block_until_ready()
+            times[name].append(time.perf_counter() - start)
+    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+
+
+def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, show_progress: bool = True) -> dict:
+    teacher_dir = os.path.join(out, "teacher")
+    tc = teacher_config()
+    train(tc, teacher_dir, show_progress=show_progress)
+    rows = {"teacher (softmax)": {"kind": "teacher", "tokens": tc.train.steps * tc.data.batch_size * tc.data.seq_len,
+                                  "folder": teacher_dir}}
+    longest = 0
+    for name, changes in LINEARISATIONS:
+        c = linearize_config()
+        c.teacher, c.window = teacher_dir, window
+        c.transfer.steps, c.recovery.steps = transfer_steps, recovery_steps
+        for key, value in changes.items():
+            c[key] = value
+        start = time.time()
+        summary = linearize(c, os.path.join(out, name.replace(" ", "_")), show_progress=show_progress)
+        rows[name] = {"kind": "linearised", "tokens": summary["tokens"]["total"],
+                      "folder": os.path.join(out, name.replace(" ", "_"), "final"),
+                      "after_transfer_bpb": summary["student_val_bpb"], "new_parameters": summary["new"]}
+        longest = max(longest, summary["tokens"]["total"])
+        print(f"{name}: {summary['final_val_bpb']:.4f} bits per byte ({time.time() - start:.0f} s)")
+    sc = teacher_config()
+    sc.model.pattern = SCRATCH_PATTERN
+    sc.model.num_kv_heads = None
+    sc.train.steps = longest // (sc.data.batch_size * sc.data.seq_len)
+    sc.train.eval_every = sc.train.checkpoint_every = sc.train.steps
+    scratch_dir = os.path.join(out, "gdn_scratch")
+    train(sc, scratch_dir, show_progress=show_progress)
+    rows["gdn from scratch"] = {"kind": "scratch", "tokens": longest, "folder": scratch_dir}
+
+    corpus = load_corpus(tc.data.path, tc.data.val_fraction)
+    val = eval_windows(corpus.val, tc.data.batch_size, tc.data.seq_len, tc.train.eval_batches)
+    models = {name: run_folder_model(row["folder"]) for name, row in rows.items()}
+    for name, model in models.items():
+        graphdef, params = nnx.split(model, nnx.Param)
+        rows[name]["val_bpb"] = evaluate(make_eval_step(graphdef), params, val)["bpb"]
+        rows[name]["pattern"] = ",".join(model.config.layer_kinds)
+        rows[name]["state_bytes"] = {str(n): decode_state_bytes(model, n) for n in (256, 4096)}
+    speeds = decode_speeds(models, prompt_len=64, new_tokens=192, repeats=3)
+    for name in rows:
+        rows[name]["decode_tokens_per_s"] = speeds[name]
+    return {"window": window, "teacher_tokens": rows["teacher (softmax)"]["tokens"], "rows": rows}
+
+
+def write_results(result: dict, folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "linearize.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    rows, teacher = result["rows"], result["rows"]["teacher (softmax)"]
+    lines = ["| model | layers | training tokens | val bits/byte | after transfer only | decoding state at 256 / 4096 "
+             "tokens | greedy decode tokens/s |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        share = "" if r is teacher else f" ({r['tokens'] / teacher['tokens']:.0%} of the teacher's)"
+        after = f"{r['after_transfer_bpb']:.3f}" if "after_transfer_bpb" in r else ""
+        state = " / ".join(f"{r['state_bytes'][n] / 1024:,.0f} KiB" for n in ("256", "4096"))
+        lines.append(f"| {name} | {r['pattern']} | {r['tokens']:,}{share} | {r['val_bpb']:.3f} | {after} | {state} | "
+                     f"{r['decode_tokens_per_s']:,.0f} |")
+    with open(os.path.join(folder, "linearize.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in rows.items():
+        left.scatter(r["tokens"], r["val_bpb"], s=40)
+        left.annotate(name, (r["tokens"], r["val_bpb"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
+        right.plot([256, 4096], [r["state_bytes"]["256"] / 1024, r["state_bytes"]["4096"] / 1024], marker="o",
+                   label=name)
+    left.set_xscale("log")
+    left.set_xlabel("training tokens")
+    left.set_ylabel("validation bits per byte")
+    left.grid(alpha=0.3)
+    right.set_xscale("log", base=2)
+    right.set_yscale("log")
+    right.set_xlabel("context length (tokens)")
+    right.set_ylabel("decoding state (KiB, batch 1)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(folder, "linearize.png"), dpi=120)
+    plt.close(fig)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    f = flags.FLAGS
+    result = reproduce(f.out, f.window, f.transfer_steps, f.recovery_steps)
+    write_results(result, f.results)
+    print(open(os.path.join(f.results, "linearize.md")).read())
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("out", None, "Folder for the teacher, the linearisations and the baseline.")
+    flags.DEFINE_string("results", "docs/results", "Folder for linearize.json, .md and .png.")
+    flags.DEFINE_integer("window", 16, "Sliding-window keys of the LoLCATs and Liger layers.")
+    flags.DEFINE_integer("transfer_steps", 200, "Attention-transfer steps (batch 16 x 256 tokens).")
+    flags.DEFINE_integer("recovery_steps", 300, "LoRA recovery steps (batch 16 x 256 tokens).")
+    flags.mark_flags_as_required(["out"])
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
