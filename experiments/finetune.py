@@ -46,7 +46,8 @@ def read_run_config(path: str) -> dict:
     file = os.path.join(os.path.expanduser(path), CONFIG_FILE)
     if not os.path.exists(file):
         raise ValueError(f"init_from = {path!r} is not a lolax run folder: {file} does not exist "
-                         "(pass the --workdir of a training run, or the --out of experiments.merge)")
+                         "(pass the --workdir of a training run, the --out of experiments.merge, or a "
+                         "Hugging Face checkpoint folder)")
     with open(file) as f:
         return json.load(f)
 
@@ -66,11 +67,19 @@ class Base:
 
 
 def load_base(path: str, current: ModelConfig | None = None) -> Base:
-    """The newest checkpoint's parameters in run folder ``path`` and its model config.
+    """The newest checkpoint's parameters in run folder ``path`` and its model config, or the
+    model of a Hugging Face checkpoint folder (:mod:`lolax.models.hf`; step 0).
 
     The model config is the checkpoint's, except the fields in ``RUNTIME_FIELDS``, which come
     from ``current`` (the fine-tuning run's own config) when given.
     """
+    from lolax.models import hf
+
+    if hf.is_checkpoint(path):
+        model, model_cfg = hf.load(os.path.expanduser(path))
+        if current is not None:
+            model_cfg = dataclasses.replace(model_cfg, **{k: getattr(current, k) for k in RUNTIME_FIELDS})
+        return Base(path=path, model=model_cfg, params=jax.device_get(nnx.state(model, nnx.Param)), step=0)
     saved = read_run_config(path)
     if saved.get("peft", {}).get("method"):
         raise ValueError(f"init_from = {path!r} is an adapter run (peft.method = {saved['peft']['method']!r}); "
@@ -159,7 +168,7 @@ def restore_adapted(workdir: str, step: int | None = None) -> tuple[nnx.Module, 
     """The adapted model of adapter run ``workdir`` at checkpoint ``step`` (default the newest):
     its base from ``init_from`` (checked against the recorded fingerprint), its adapters from
     the checkpoint. Returns ``(model, run config, step, data position)``."""
-    from experiments.data import BatchIterator, load_corpus
+    from experiments.data import BatchIterator, load_corpus, load_tokenizer
 
     saved = read_run_config(workdir)
     config = ml_collections.ConfigDict(saved)
@@ -172,7 +181,8 @@ def restore_adapted(workdir: str, step: int | None = None) -> tuple[nnx.Module, 
     base = load_base(init_from, model_cfg) if init_from else None
     init_data = None
     if peft.METHODS[peft_cfg.method].needs_data:
-        corpus = load_corpus(config.data.path, config.data.val_fraction)
+        corpus = load_corpus(config.data.path, config.data.val_fraction,
+                             load_tokenizer(config.data.get("tokenizer", "byte")))
         init_data = BatchIterator(corpus.train, config.data.batch_size, config.data.seq_len, config.seed + 3)
     model, fingerprint = build_model(model_cfg, config.seed, base, peft_cfg, init_data)
     checkpointer = Checkpointer(workdir, create=False)

@@ -1,6 +1,7 @@
 """Linearisation: student building, attention transfer, the whole pipeline and its resume."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +132,33 @@ def test_pipeline_resumes_and_ends_in_an_ordinary_run(teacher_dir, text_file, tm
     # other settings in the same workdir are refused
     with pytest.raises(ValueError, match="method: workdir has 'transfer'"):
         linearize(tiny_linearize(teacher_dir, text_file, "liger"), str(tmp_path / "gla"), show_progress=False)
+
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+
+
+def test_hugging_face_teacher_builds_a_student_and_transfers(text_file):
+    teacher = load_teacher(str(FIXTURES / "qwen3"), {})
+    assert teacher.config.qk_norm and teacher.config.head_size == 32
+    cfg = transfer.student_config(teacher.config, "transfer", "gated_deltanet")
+    student = transfer.build_student(teacher, cfg)
+    assert "layers/1/attn/v_proj/kernel" in student.copied and "layers/1/attn/q_norm/scale" not in student.copied
+    tx = optax.adam(1e-2)
+    graphdef, state = transfer.init_transfer(student, tx)
+    step = transfer.transfer_step(graphdef, teacher, tx, student.new, student.replaced)
+    tokens = jnp.asarray(load_corpus(str(text_file)).train[:2 * 24].reshape(2, 24).astype(np.int32))
+    losses = [float(step(state, tokens)[1])]
+    for _ in range(5):
+        state, loss = step(state, tokens)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+
+
+def test_training_starts_from_a_hugging_face_checkpoint(text_file, tmp_path):
+    c = tiny_config(text_file, steps=3)
+    c.init_from = str(FIXTURES / "llama3")
+    c.peft.method, c.peft.rank, c.peft.targets = "lora", 2, "q_proj,v_proj"
+    summary = train(c, str(tmp_path / "lora"), show_progress=False)
+    assert summary["step"] == 3 and np.isfinite(summary["val_loss"])
+    saved = json.load(open(tmp_path / "lora" / "config.json"))
+    assert saved["model"]["rope_scaling"] == "llama3" and saved["init_from"].endswith("llama3")

@@ -4,7 +4,7 @@ r"""The teacher for the linearisation experiment: a softmax Transformer on the e
 
 Four softmax layers with grouped-query heads (4 query heads sharing 2 key/value heads), rotary,
 SwiGLU, byte vocabulary: a Llama-shaped model, so the linearisation pipeline meets the same
-layout it meets in an imported checkpoint.  About 20 minutes on 2 CPU cores.
+layout it meets in an imported checkpoint.  About 10 minutes on 2 idle CPU cores.
 """
 
 from experiments.configs.lm_shakespeare import get_config as base_config
