@@ -16,8 +16,9 @@ import orbax.checkpoint as ocp
 from lolax.models import ModelConfig, peft
 
 CONFIG_FILE = "config.json"
-# Config sections whose change makes saved state unusable (shapes or optimizer-state layout).
-STATE_DEFINING = ("model", "optim.name", "optim.rank", "peft")
+# Config sections whose change makes saved state unusable (shapes or optimizer-state layout,
+# or what the token ids mean).
+STATE_DEFINING = ("model", "optim.name", "optim.rank", "peft", "data.tokenizer")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -32,11 +33,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def _field_defaults() -> dict[str, Any]:
-    """Defaults of the model and adapter fields (``model.<f>``, ``peft.<f>``; no adapters): what a
-    config written before a field existed meant by leaving it out."""
+    """Defaults of the model and adapter fields (``model.<f>``, ``peft.<f>``; no adapters) and of
+    ``data.tokenizer`` (bytes): what a config written before a field existed meant by leaving
+    it out."""
     out = {f"model.{k}": v for k, v in ModelConfig().to_dict().items()}
     out.update({f"peft.{k}": v for k, v in peft.PeftConfig().to_dict().items()})
     out["peft.method"] = ""
+    out["data.tokenizer"] = "byte"
     return out
 
 

@@ -97,10 +97,18 @@ def make_eval_step(graphdef: nnx.GraphDef):
 
 
 def evaluate(eval_step, params, batches) -> dict[str, float]:
-    """Validation loss (nats per byte) and bits per byte over fixed batches."""
-    total, count = 0.0, 0
+    """Validation loss (nats per token) and bits per byte over fixed batches.
+
+    Bits per byte is the summed loss of every predicted (target) token, in bits, divided by the
+    UTF-8 bytes of the text those tokens cover: ``batch["target_bytes"]`` where the batches
+    carry it (``data.eval_windows`` with a tokenizer's byte counts), else one byte per token.
+    So runs with different tokenizers are compared on the same footing; with the byte tokenizer
+    it is the loss divided by ln 2.
+    """
+    total, count, covered = 0.0, 0, 0
     for batch in batches:
-        total += float(eval_step(params, batch))
+        total += float(eval_step(params, {"inputs": batch["inputs"], "targets": batch["targets"]}))
         count += batch["targets"].size
+        covered += int(batch["target_bytes"].sum()) if "target_bytes" in batch else batch["targets"].size
     loss = total / count
-    return {"loss": loss, "bpb": loss / math.log(2)}
+    return {"loss": loss, "bpb": (total / covered if covered else math.nan) / math.log(2)}

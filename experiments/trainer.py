@@ -22,7 +22,7 @@ from tqdm import tqdm
 from experiments import finetune
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
 from experiments.configs.presets import apply_preset
-from experiments.data import BatchIterator, ByteTokenizer, eval_windows, load_corpus
+from experiments.data import BatchIterator, Tokenizer, eval_windows, load_corpus, load_tokenizer
 from experiments.metrics import MetricsWriter, plot_loss
 from experiments.optimizers import check_layer_layout, make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
@@ -35,6 +35,16 @@ from lolax.parallelism import rules as prules
 def model_config(section: ml_collections.ConfigDict) -> ModelConfig:
     """The config's model section with its ``preset`` (if any) expanded; flags beat the preset."""
     return ModelConfig.from_dict(apply_preset(section.to_dict(), base=ModelConfig().to_dict()))
+
+
+def check_vocab(tokenizer: Tokenizer, model_cfg: ModelConfig, init_from: str = "") -> None:
+    """Raises ValueError when the tokenizer's ids do not all fit the model's vocabulary."""
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        source = f" (the model of init_from = {init_from!r})" if init_from else ""
+        raise ValueError(
+            f"data.tokenizer = {tokenizer.spec!r} has a vocabulary of {tokenizer.vocab_size:,} tokens, more than "
+            f"model.vocab_size = {model_cfg.vocab_size:,}{source}; set --config.model.vocab_size="
+            f"{tokenizer.vocab_size} (or more), or use a smaller tokenizer")
 
 
 def data_mesh(mesh_config, batch_size: int, seq_len: int | None = None) -> jax.sharding.Mesh:
@@ -81,6 +91,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     with ``config.peft.method`` set only adapters train (see ``experiments/finetune.py``).
     """
     config_dict = config.to_dict()
+    tokenizer = load_tokenizer(config.data.get("tokenizer", "byte"))
     model_cfg = model_config(config.model)
     peft_cfg = finetune.peft_config(config.get("peft"))
     init_from = config.get("init_from", "")
@@ -89,14 +100,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
         base = finetune.load_base(init_from, model_cfg)
         model_cfg = base.model
         config_dict["model"] = {**model_cfg.to_dict(), "preset": ""}
+    check_vocab(tokenizer, model_cfg, init_from)
     check_compatible(workdir, config_dict)
     check_layer_layout(config.optim, model_cfg.scan_layers)
     d, t = config.data, config.train
 
-    corpus = load_corpus(d.path, d.val_fraction)
+    corpus = load_corpus(d.path, d.val_fraction, tokenizer)
     logging.info("corpus: %s", corpus.describe())
     batches = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed)
-    val_batches = eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches)
+    val_batches = eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches, corpus.val_bytes)
 
     tx = make_optimizer(config.optim, t.steps)
     mesh = data_mesh(config.mesh, d.batch_size, d.seq_len)
@@ -188,17 +200,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     plot_loss(writer.path, f"{workdir}/loss.png")
     summary = {"step": step, "trainable_params": trainable_values, **last}
     if step >= t.steps and t.sample_tokens > 0:
-        summary["sample"] = sample_text(graphdef, state.params, t, config.seed)
-        print(f"--- sample ({t.sample_tokens} bytes, temperature {t.sample_temperature}) ---")
+        summary["sample"] = sample_text(graphdef, state.params, t, config.seed, tokenizer)
+        print(f"--- sample ({t.sample_tokens} tokens, temperature {t.sample_temperature}) ---")
         print(t.sample_prompt + summary["sample"])
         print("---")
     return summary
 
 
-def sample_text(graphdef, params, t: ml_collections.ConfigDict, seed: int) -> str:
-    tokenizer = ByteTokenizer()
+def sample_text(graphdef, params, t: ml_collections.ConfigDict, seed: int,
+                tokenizer: Tokenizer | None = None) -> str:
+    """``t.sample_tokens`` tokens after ``t.sample_prompt``, encoded and decoded by the run's
+    tokenizer (default bytes); ids past the tokenizer's vocabulary are left out."""
+    tokenizer = load_tokenizer(tokenizer)
     prompt = tokenizer.encode(t.sample_prompt)[None].astype(np.int32)
     model = nnx.merge(graphdef, jax.device_get(params))
-    tokens = generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
-                      rng=jax.random.key(seed))
-    return tokenizer.decode(np.asarray(tokens[0]))
+    tokens = np.asarray(generate(model, prompt, t.sample_tokens, temperature=t.sample_temperature,
+                                 rng=jax.random.key(seed))[0])
+    return tokenizer.decode(tokens[tokens < tokenizer.vocab_size])

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.path = "shakespeare"      # the embedded default, or a file, folder or glob of text
+    c.data.tokenizer = "byte"        # UTF-8 bytes, or a tokenizer.json (or a folder holding one)
     c.data.val_fraction = 0.05       # tail of every document held out for validation
     c.data.seq_len = 256
     c.data.batch_size = 16

@@ -79,9 +79,17 @@ class BatchIterator:
         return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
 
 
-def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int) -> list[dict[str, np.ndarray]]:
-    """Deterministic evaluation batches: consecutive windows from the start of the split."""
+def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int,
+                 token_bytes: np.ndarray | None = None) -> list[dict[str, np.ndarray]]:
+    """Deterministic evaluation batches: consecutive windows from the start of the split.
+
+    With ``token_bytes`` (the UTF-8 bytes each token covers, as ``Corpus.val_bytes``) every
+    batch also holds ``"target_bytes" [B, L]``, the bytes of its targets, which
+    ``train_state.evaluate`` divides by for bits per byte; without it a token is one byte.
+    """
     _check_length(tokens, seq_len, "validation")
+    if token_bytes is not None and token_bytes.shape != tokens.shape:
+        raise ValueError(f"token_bytes must have the tokens' shape {tokens.shape}, got {token_bytes.shape}")
     window = seq_len + 1
     count = min((tokens.size // window), batch_size * max_batches)
     count -= count % batch_size
@@ -90,5 +98,9 @@ def eval_windows(tokens: np.ndarray, batch_size: int, seq_len: int, max_batches:
         count = tokens.size // window
         batch_size = count
     windows = tokens[: count * window].reshape(count, window).astype(np.int32)
-    return [{"inputs": w[:, :-1], "targets": w[:, 1:]}
-            for w in np.split(windows, count // batch_size)]
+    batches = [{"inputs": w[:, :-1], "targets": w[:, 1:]} for w in np.split(windows, count // batch_size)]
+    if token_bytes is not None:
+        covered = token_bytes[: count * window].reshape(count, window).astype(np.int32)
+        for batch, b in zip(batches, np.split(covered, count // batch_size)):
+            batch["target_bytes"] = b[:, 1:]
+    return batches

@@ -3,6 +3,11 @@
 A corpus is a list of documents read as raw bytes in a fixed order. The validation split holds
 out the last ``val_fraction`` of every document, so both splits cover every text and the split
 never changes when the order of files on disk does.
+
+With the byte tokenizer (the default) the splits are the bytes themselves. With a
+``tokenizer.json`` every document part is decoded as UTF-8 (invalid bytes become U+FFFD),
+tokenized on its own, and the parts are joined by the tokens of the separator; alongside the
+tokens the corpus keeps how many UTF-8 bytes each token covers, for bits per byte.
 """
 
 from __future__ import annotations
@@ -15,21 +20,35 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.data.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
 DEFAULT_CORPUS = "shakespeare"
 DOC_SEPARATOR = b"\n\n"
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
-    """Token streams of the two splits (uint8 bytes) and the files they came from."""
+    """Token streams of the two splits and the files they came from.
+
+    ``train`` / ``val`` are uint8 bytes for the byte tokenizer, int32 ids otherwise;
+    ``train_bytes`` / ``val_bytes`` hold the UTF-8 bytes each token covers (None: one byte
+    per token, the byte tokenizer).
+    """
 
     train: np.ndarray
     val: np.ndarray
     files: tuple[str, ...]
+    train_bytes: np.ndarray | None = None
+    val_bytes: np.ndarray | None = None
 
     def describe(self) -> str:
-        return (f"{len(self.files)} files, {self.train.size:,} train bytes, "
-                f"{self.val.size:,} validation bytes")
+        """One line: files, and tokens (and the bytes they cover) per split."""
+        if self.train_bytes is None:
+            return (f"{len(self.files)} files, {self.train.size:,} train bytes, "
+                    f"{self.val.size:,} validation bytes")
+        val_bytes = 0 if self.val_bytes is None else int(self.val_bytes.sum())
+        return (f"{len(self.files)} files, {self.train.size:,} train tokens ({int(self.train_bytes.sum()):,} "
+                f"bytes), {self.val.size:,} validation tokens ({val_bytes:,} bytes)")
 
 
 def default_corpus_files() -> list[str]:
@@ -68,12 +87,17 @@ def resolve_files(path: str) -> list[str]:
     raise FileNotFoundError(f"data path {path!r} does not exist (expected a file, a folder or a glob)")
 
 
-def load_corpus(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05) -> Corpus:
-    """Reads every file under ``path`` and splits each document into train and validation bytes.
+def load_corpus(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05,
+                tokenizer: Tokenizer | str | None = None) -> Corpus:
+    """Reads every file under ``path``, splits each document into train and validation parts
+    and tokenizes them.
 
     Args:
       path: ``"shakespeare"`` (or ``""``) for the embedded default, else a file, folder or glob.
-      val_fraction: share of each document (its tail) held out for validation, in [0, 1).
+      val_fraction: share of each document (its tail) held out for validation, in [0, 1); with
+        a ``tokenizer.json`` the cut moves forward to the next UTF-8 character boundary.
+      tokenizer: a tokenizer or a ``data.tokenizer`` value (see ``load_tokenizer``); None or
+        ``"byte"``: the bytes themselves.
 
     Raises:
       FileNotFoundError: the path does not exist or matches nothing.
@@ -81,6 +105,8 @@ def load_corpus(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05) -> Corpu
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    tokenizer = load_tokenizer(tokenizer)
+    by_bytes = isinstance(tokenizer, ByteTokenizer)
     files = resolve_files(path)
     train_parts, val_parts = [], []
     for name in files:
@@ -88,10 +114,33 @@ def load_corpus(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05) -> Corpu
         if not data:
             continue
         cut = len(data) - int(round(len(data) * val_fraction))
+        while not by_bytes and cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut += 1   # a UTF-8 continuation byte: keep the character whole
         train_parts.append(data[:cut])
         if cut < len(data):
             val_parts.append(data[cut:])
     if not train_parts:
         raise ValueError(f"the corpus at {path!r} is empty: {len(files)} file(s), all of zero bytes")
-    as_array = lambda parts: np.frombuffer(DOC_SEPARATOR.join(parts), dtype=np.uint8).copy()
-    return Corpus(train=as_array(train_parts), val=as_array(val_parts), files=tuple(files))
+    if by_bytes:
+        as_array = lambda parts: np.frombuffer(DOC_SEPARATOR.join(parts), dtype=np.uint8).copy()
+        return Corpus(train=as_array(train_parts), val=as_array(val_parts), files=tuple(files))
+    train, train_bytes = _tokenize_parts(train_parts, tokenizer)
+    val, val_bytes = _tokenize_parts(val_parts, tokenizer)
+    return Corpus(train=train, val=val, files=tuple(files), train_bytes=train_bytes, val_bytes=val_bytes)
+
+
+def _tokenize_parts(parts: list[bytes], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """The parts' tokens joined by the separator's, and the bytes each token covers."""
+    texts = [part.decode("utf-8", errors="replace") for part in parts]
+    batch = getattr(tokenizer, "encode_batch_with_bytes", None)
+    encoded = batch(texts) if batch is not None else [tokenizer.encode_with_bytes(t) for t in texts]
+    separator = tokenizer.encode_with_bytes(DOC_SEPARATOR.decode("utf-8"))
+    pieces = []
+    for i, piece in enumerate(encoded):
+        if i:
+            pieces.append(separator)
+        pieces.append(piece)
+    if not pieces:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return (np.concatenate([t for t, _ in pieces]).astype(np.int32),
+            np.concatenate([b for _, b in pieces]).astype(np.int32))
