@@ -178,3 +178,9 @@ def test_train_sample_and_resume_with_a_tokenizer_json(text_file, tokenizer_json
     c.data.tokenizer = "byte"
     with pytest.raises(ValueError, match=r"data.tokenizer: checkpoint has '.*tokenizer.json', config has 'byte'"):
         train(c, workdir, show_progress=False)
+
+    from experiments.generate import load_model, resolve_tokenizer
+
+    loaded = load_model(workdir)
+    assert loaded.tokenizer == str(tokenizer_json) and loaded.context == 32
+    assert isinstance(resolve_tokenizer(loaded), JsonTokenizer)
