@@ -37,12 +37,12 @@ from tqdm import tqdm
 from experiments import finetune, transfer
 from experiments.checkpoint import Checkpointer, abstract_like, write_config
 from experiments.configs.lm_shakespeare import get_config as training_config
-from experiments.data import BatchIterator, eval_windows, load_corpus
+from experiments.data import BatchIterator, eval_windows, load_corpus, load_tokenizer
 from experiments.merge import merge_run
 from experiments.metrics import MetricsWriter
 from experiments.optimizers import make_optimizer
 from experiments.train_state import TrainState, evaluate, make_eval_step
-from experiments.trainer import train
+from experiments.trainer import check_vocab, train
 from lolax.models import LanguageModel, ModelConfig
 
 SETTINGS = ("teacher", "method", "target", "window", "hedgehog_dim", "seed")
@@ -137,7 +137,7 @@ def run_transfer(config: ml_collections.ConfigDict, workdir: str, student: trans
     tx = transfer_optimizer(config)
     graphdef, state = transfer.init_transfer(student, tx)
     batches = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed)
-    val = [b["inputs"] for b in eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches)]
+    val = [b["inputs"] for b in eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches, corpus.val_bytes)]
     folder = os.path.join(workdir, "transfer")
     checkpointer = Checkpointer(folder, keep=2)
     start = checkpointer.latest_step()
@@ -177,7 +177,7 @@ def run_transfer(config: ml_collections.ConfigDict, workdir: str, student: trans
 
 def validation_bpb(model: LanguageModel, corpus, config: ml_collections.ConfigDict, batches: int) -> float:
     graphdef, params = nnx.split(model, nnx.Param)
-    val = eval_windows(corpus.val, config.data.batch_size, config.data.seq_len, batches)
+    val = eval_windows(corpus.val, config.data.batch_size, config.data.seq_len, batches, corpus.val_bytes)
     return evaluate(make_eval_step(graphdef), params, val)["bpb"]
 
 
@@ -189,7 +189,9 @@ def linearize(config: ml_collections.ConfigDict, workdir: str, show_progress: bo
     student_cfg = transfer.student_config(teacher.config, config.method, config.target, config.window,
                                           config.hedgehog_dim or None)
     student = transfer.build_student(teacher, student_cfg, config.seed)
-    corpus = load_corpus(config.data.path, config.data.val_fraction)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    check_vocab(tokenizer, teacher.config, config.teacher)
+    corpus = load_corpus(config.data.path, config.data.val_fraction, tokenizer)
     print(f"student layers {','.join(student_cfg.layer_kinds)}: {len(student.copied)} parameter arrays copied "
           f"from the teacher, {len(student.new)} new "
           f"({sum(int(np.prod(v.shape)) for p, v in _named(student.model) if p in set(student.new)):,} values)")

@@ -109,8 +109,8 @@ def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, s
     train(sc, scratch_dir, show_progress=show_progress)
     rows["gdn from scratch"] = {"kind": "scratch", "tokens": longest, "folder": scratch_dir}
 
-    corpus = load_corpus(tc.data.path, tc.data.val_fraction)
-    val = eval_windows(corpus.val, tc.data.batch_size, tc.data.seq_len, tc.train.eval_batches)
+    corpus = load_corpus(tc.data.path, tc.data.val_fraction, tc.data.tokenizer)
+    val = eval_windows(corpus.val, tc.data.batch_size, tc.data.seq_len, tc.train.eval_batches, corpus.val_bytes)
     models = {name: run_folder_model(row["folder"]) for name, row in rows.items()}
     for name, model in models.items():
         graphdef, params = nnx.split(model, nnx.Param)

@@ -101,8 +101,8 @@ def finetune_config(data_path: str, base: str, steps: int, peft_fields: dict | N
 def held_out_bpb(model: nnx.Module, c) -> float:
     """Validation bits per byte of ``model`` on the held-out split of config ``c``."""
     graphdef, params = nnx.split(model)
-    corpus = load_corpus(c.data.path, c.data.val_fraction)
-    batches = eval_windows(corpus.val, c.data.batch_size, c.data.seq_len, c.train.eval_batches)
+    corpus = load_corpus(c.data.path, c.data.val_fraction, c.data.tokenizer)
+    batches = eval_windows(corpus.val, c.data.batch_size, c.data.seq_len, c.train.eval_batches, corpus.val_bytes)
     return evaluate(make_eval_step(graphdef), params, batches)["bpb"]
 
 

@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.05
     c.data.seq_len = 256
     c.data.batch_size = 16
+    c.data.tokenizer = "byte"        # or a tokenizer.json (an imported teacher's own)
 
     c.transfer = ml_collections.ConfigDict()     # stage 1: attention transfer (new parameters only)
     c.transfer.steps = 200
