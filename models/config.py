@@ -18,6 +18,8 @@ tiled over ``num_layers``.
 | ``S``  | ``softmax`` (``attn``)        | softmax attention, rotary, grouped-query heads          |
 | ``W``  | ``swa``                       | sliding-window softmax attention (``window`` keys)      |
 | ``C``  | ``conv`` (``baseconv``)       | BaseConv: a gated short convolution (``conv_size`` taps) |
+| ``O``  | ``lolcats``                   | LoLCATs: windowed softmax + Hedgehog linear attention   |
+| ``I``  | ``liger``                     | Liger: sliding-window softmax + GLA, no new parameters  |
 
 Softmax and sliding-window layers take the options of the common pretrained checkpoints
 (:mod:`lolax.models.hf`): biases on q/k/v (``qkv_bias``) and on the output (``o_bias``), a
@@ -44,7 +46,7 @@ from ..parallelism.ring import MODES as SEQUENCE_ATTENTION_MODES
 MIXER_LETTERS = {
     "L": "linear_attn", "H": "hedgehog", "B": "based", "R": "retnet", "N": "lightning",
     "G": "gla", "D": "deltanet", "E": "gated_deltanet", "M": "mom", "S": "softmax", "W": "swa",
-    "C": "conv",
+    "C": "conv", "O": "lolcats", "I": "liger",
 }
 MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softmax",
                  "sliding_window": "swa", "delta_rule": "deltanet",

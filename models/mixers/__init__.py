@@ -7,6 +7,7 @@
 from .attention import SlidingWindowAttention, SoftmaxAttention
 from .base import Context, Mixer, make_context
 from .conv import BaseConv
+from .hybrid import LigerAttention, LoLCATsAttention
 from .linear import (
                                   GLA,
                                   BasedAttention,
@@ -24,9 +25,10 @@ MIXERS = {
     "linear_attn": LinearAttention, "hedgehog": HedgehogAttention, "based": BasedAttention,
     "retnet": RetNet, "lightning": Lightning, "gla": GLA, "deltanet": DeltaNet,
     "gated_deltanet": GatedDeltaNet, "mom": MoM, "softmax": SoftmaxAttention,
-    "swa": SlidingWindowAttention, "conv": BaseConv,
+    "swa": SlidingWindowAttention, "conv": BaseConv, "lolcats": LoLCATsAttention, "liger": LigerAttention,
 }
 
 __all__ = ["MIXERS", "Mixer", "RecurrentMixer", "Context", "make_context", "LinearAttention",
            "HedgehogAttention", "BasedAttention", "RetNet", "Lightning", "GLA", "DeltaNet",
-           "GatedDeltaNet", "MoM", "SoftmaxAttention", "SlidingWindowAttention", "BaseConv"]
+           "GatedDeltaNet", "MoM", "SoftmaxAttention", "SlidingWindowAttention", "BaseConv",
+           "LoLCATsAttention", "LigerAttention"]
