@@ -66,7 +66,9 @@ def _masked_exp(s: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jnp.where(mask, jnp.exp(s - m[..., None]), 0.0), m
 
 
-def window_softmax_sums(q, k, v, window: int, segment_ids=None, valid=None, scale: float | None = None):
+def window_softmax_sums(q: jax.Array, k: jax.Array, v: jax.Array, window: int, segment_ids: jax.Array | None = None,
+                        valid: jax.Array | None = None,
+                        scale: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Unnormalised softmax sums over each query's window, blockwise (no ``T x T`` array).
 
     For query i the window keys are ``i - window < j <= i`` in the same packed segment and not
@@ -126,7 +128,8 @@ def window_softmax_sums(q, k, v, window: int, segment_ids=None, valid=None, scal
     return num, per_query(jnp.sum(p, axis=-1)), per_query(m)
 
 
-def window_softmax_step(q, k_cache, v_cache, mask, scale: float | None = None):
+def window_softmax_step(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array,
+                        scale: float | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """:func:`window_softmax_sums` for one decoding query ``q [B, 1, H, d]`` over a cache
     ``[B, S, Hkv, d]`` with ``mask [B, S]`` (True = in the window); returns
     ``(num [B, 1, H, dv], den [B, 1, H], m [B, 1, H])`` float32."""
@@ -140,7 +143,7 @@ def window_softmax_step(q, k_cache, v_cache, mask, scale: float | None = None):
     return num, jnp.sum(p, axis=-1).reshape(B, 1, H), m.reshape(B, 1, H)
 
 
-def shift_later(x: jax.Array, shift: int, segment_ids=None) -> jax.Array:
+def shift_later(x: jax.Array, shift: int, segment_ids: jax.Array | None = None) -> jax.Array:
     """``x [B, T, ...]`` moved ``shift`` positions later: ``out_t = x_{t - shift}``, zero where
     ``t - shift`` is before the start of the row or of ``t``'s packed segment."""
     T = x.shape[1]
@@ -155,7 +158,7 @@ def shift_later(x: jax.Array, shift: int, segment_ids=None) -> jax.Array:
     return out
 
 
-def segment_cumsum(x: jax.Array, segment_ids=None) -> jax.Array:
+def segment_cumsum(x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
     """Running sum of ``x [B, T, ...]`` over T, restarting at each packed segment (``segment_ids [B, T]``)."""
     if segment_ids is None:
         return jnp.cumsum(x, axis=1)
@@ -171,7 +174,7 @@ def segment_cumsum(x: jax.Array, segment_ids=None) -> jax.Array:
     return jax.lax.associative_scan(combine, (start, x), axis=1)[1]
 
 
-def _zero_padding(x: jax.Array, valid) -> jax.Array:
+def _zero_padding(x: jax.Array, valid: jax.Array | None) -> jax.Array:
     """``x [B, T, ...]`` with the padding tokens (``valid [B, T]`` False) set to 0."""
     if valid is None:
         return x
@@ -221,7 +224,7 @@ class LoLCATsAttention(SoftmaxAttention):
     def _gamma(self) -> jax.Array:
         return jax.nn.sigmoid(self.window_factor[...].astype(F32))
 
-    def _combine(self, num_w, den_w, num_l, den_l):
+    def _combine(self, num_w: jax.Array, den_w: jax.Array, num_l: jax.Array, den_l: jax.Array) -> jax.Array:
         """``(gamma num_w + num_l) / (gamma den_w + den_l)``; 0 where both are empty."""
         gamma = self._gamma()
         num = gamma[:, None] * num_w + num_l
@@ -298,7 +301,8 @@ class LigerAttention(SoftmaxAttention):
         self.chunk_size = cfg.chunk_size
         self.gate_normalizer = float(cfg.gla_gate_normalizer)
 
-    def gla_inputs(self, q_raw, k_raw, v, valid=None):
+    def gla_inputs(self, q_raw: jax.Array, k_raw: jax.Array, v: jax.Array,
+                   valid: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """``(phi(q) [B, T, H, d], phi(k) [B, T, H, d], v [B, T, H, dv], g [B, T, H, d])`` float32
         from the pre-rotary heads; padding keys, values and gates are zeroed."""
         h = self.num_heads
