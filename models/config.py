@@ -226,7 +226,7 @@ class ModelConfig:
         value = self.rope_original_max_len
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"model.rope_original_max_len must be a positive int, got {value!r}")
-        rotary_kinds = {"softmax", "swa", "retnet"}
+        rotary_kinds = {"softmax", "swa", "retnet", "lolcats", "liger"}
         if rotary_kinds & set(kinds) and self.head_size % 2:
             raise ValueError(f"model.head_dim = {self.head_size} must be even for rotary embeddings "
                              f"(used by {sorted(rotary_kinds & set(kinds))})")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -162,3 +163,21 @@ def test_training_starts_from_a_hugging_face_checkpoint(text_file, tmp_path):
     assert summary["step"] == 3 and np.isfinite(summary["val_loss"])
     saved = json.load(open(tmp_path / "lora" / "config.json"))
     assert saved["model"]["rope_scaling"] == "llama3" and saved["init_from"].endswith("llama3")
+
+
+@pytest.mark.parametrize("method", ["lolcats", "liger"])
+def test_lolcats_and_liger_pipelines_decode_with_a_constant_state(teacher_dir, text_file, tmp_path, method):
+    c = tiny_linearize(teacher_dir, text_file, method)
+    summary = linearize(c, str(tmp_path / method), show_progress=False)
+    assert summary["student_pattern"] == f"{method},{method}"
+    if method == "liger":     # nothing new to transfer: stage 1 is skipped
+        assert summary["new"] == [] and summary["tokens"]["transfer"] == 0
+    else:
+        assert {n.rsplit("/", 1)[-1] for n in summary["new"]} == {"q_map", "k_map", "window_factor"}
+        assert summary["val_mse"] < summary["train_mse"] * 10 and np.isfinite(summary["val_mse"])
+    final = finetune.load_base(str(tmp_path / method / "final"))
+    model, _ = finetune.build_model(final.model, 0, final, None)
+    sizes = [sum(x.size for x in jax.tree.leaves(model.prefill(jnp.zeros((1, 4), jnp.int32), max_len=n)[1]))
+             for n in (64, 1024)]
+    assert sizes[0] == sizes[1]
+    assert generate(model, jnp.zeros((1, 3), jnp.int32), 4, temperature=0.0).shape == (1, 4)
