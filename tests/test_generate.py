@@ -141,3 +141,18 @@ def test_adapter_run_generates_with_its_adapters_folded_in(run_dir, text_file, t
     adapted = finetune.restore_adapted(str(adapter_dir))[0]
     direct = generate(adapted, tokenizer.encode("ROMEO:")[None], 12, temperature=0.0)
     assert np.array_equal(np.asarray(direct[0]), merged.new_tokens)
+
+
+def test_hugging_face_checkpoint_generates_its_recorded_greedy_continuation():
+    fixture = REPO / "tests" / "fixtures" / "hf" / "llama3"
+    loaded = gen.load_model(str(fixture))
+    assert loaded.kind == "hf" and loaded.tokenizer is None
+    with pytest.raises(ValueError, match="has no tokenizer.json; pass --tokenizer"):
+        gen.resolve_tokenizer(loaded, model_path=str(fixture))
+    expected = np.load(fixture / "expected.npz")          # transformers' greedy continuation
+    direct = generate(loaded.model, expected["prompt"][:1], 12, temperature=0.0)
+    np.testing.assert_array_equal(np.asarray(direct[0]), expected["greedy"][0])
+    out = gen.generate_text(loaded.model, gen.resolve_tokenizer(loaded, "byte"), "ROMEO:", max_new_tokens=12,
+                            temperature=0.0)
+    again = generate(loaded.model, out.prompt_tokens[None], 12, temperature=0.0)
+    np.testing.assert_array_equal(out.new_tokens, np.asarray(again[0]))
