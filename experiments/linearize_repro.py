@@ -6,12 +6,12 @@ r"""Linearisation against training from scratch, on the embedded corpus: quality
    heads) unless ``--out`` already holds it.
 2. Linearises it three ways with ``experiments.linearize``: LoLCATs, Liger and attention transfer
    to Gated DeltaNet, each with ``--window`` keys of sliding window where it has one.
-3. Trains the Gated DeltaNet student's architecture from scratch on as many tokens as the
-   longest linearisation used.
+3. Trains two students' architectures from scratch on as many tokens as the longest
+   linearisation used: Gated DeltaNet, and LoLCATs' layer (the same window).
 4. Measures every model on the same validation windows, the size of its decoding state at two
-   context lengths, and its greedy decoding speed (batch 1; repetitions interleaved across the
-   models, median reported), and writes ``linearize.json``, a Markdown table and
-   ``linearize.png`` to ``--results``.
+   context lengths, and its greedy decoding speed per token after a short and after a long
+   prompt (batch 1; prefill excluded; repetitions interleaved across the models, medians), and
+   writes ``linearize.json``, a Markdown table and ``linearize.png`` to ``--results``.
 
 Every stage resumes: rerunning with the same ``--out`` skips what is finished.
 """
@@ -47,7 +47,9 @@ LINEARISATIONS = (
     ("liger", {"method": "liger"}),
     ("gdn transfer", {"method": "transfer", "target": "gated_deltanet"}),
 )
-SCRATCH_PATTERN = "E"           # the Gated DeltaNet student's layers, trained from scratch
+# (name, pattern): students' architectures trained from scratch (window as the linearisations')
+SCRATCH = (("gdn from scratch", "E"), ("lolcats from scratch", "O"))
+CONTEXTS = (256, 4096)          # decoding state and speed are measured at these context lengths
 
 
 def run_folder_model(path: str) -> LanguageModel:
@@ -65,19 +67,25 @@ def decode_state_bytes(model: LanguageModel, context: int) -> int:
     return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(caches))
 
 
-def decode_speeds(models: dict[str, LanguageModel], prompt_len: int, new_tokens: int, repeats: int) -> dict:
-    """Greedy decoding tokens/s per model, batch 1: compiled first, then ``repeats`` timed
-    rounds visiting every model in turn; the median round per model."""
-    prompt = jnp.ones((1, prompt_len), jnp.int32)
+def decode_speeds(models: dict[str, LanguageModel], context: int, repeats: int = 3, short: int = 16,
+                  long: int = 80) -> dict[str, float]:
+    """Greedy decoding tokens/s per model (batch 1) after a prompt filling ``context - long``
+    tokens: the time of ``long`` new tokens minus that of ``short`` (so the prompt's prefill
+    cancels out), over ``long - short``.  Everything is compiled first; the timed calls visit
+    every model in turn, ``repeats`` rounds, and each model's median is used."""
+    prompt = jnp.ones((1, context - long), jnp.int32)
+    run = lambda model, n: generate(model, prompt, n, temperature=0.0).block_until_ready()
     for model in models.values():
-        generate(model, prompt, new_tokens, temperature=0.0).block_until_ready()
-    times: dict[str, list[float]] = {name: [] for name in models}
+        run(model, short), run(model, long)
+    times = {name: {short: [], long: []} for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            start = time.perf_counter()
-            generate(model, prompt, new_tokens, temperature=0.0).block_until_ready()
-            times[name].append(time.perf_counter() - start)
-    return {name: new_tokens / statistics.median(t) for name, t in times.items()}
+            for n in (short, long):
+                start = time.perf_counter()
+                run(model, n)
+                times[name][n].append(time.perf_counter() - start)
+    return {name: (long - short) / max(statistics.median(t[long]) - statistics.median(t[short]), 1e-9)
+            for name, t in times.items()}
 
 
 def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, show_progress: bool = True) -> dict:
@@ -100,14 +108,17 @@ def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, s
                       "after_transfer_bpb": summary["student_val_bpb"], "new_parameters": summary["new"]}
         longest = max(longest, summary["tokens"]["total"])
         print(f"{name}: {summary['final_val_bpb']:.4f} bits per byte ({time.time() - start:.0f} s)")
-    sc = teacher_config()
-    sc.model.pattern = SCRATCH_PATTERN
-    sc.model.num_kv_heads = None
-    sc.train.steps = longest // (sc.data.batch_size * sc.data.seq_len)
-    sc.train.eval_every = sc.train.checkpoint_every = sc.train.steps
-    scratch_dir = os.path.join(out, "gdn_scratch")
-    train(sc, scratch_dir, show_progress=show_progress)
-    rows["gdn from scratch"] = {"kind": "scratch", "tokens": longest, "folder": scratch_dir}
+    for name, pattern in SCRATCH:
+        sc = teacher_config()
+        sc.model.pattern = pattern
+        if pattern == "O":
+            sc.model.window = window
+        sc.model.num_kv_heads = None
+        sc.train.steps = longest // (sc.data.batch_size * sc.data.seq_len)
+        sc.train.eval_every = sc.train.checkpoint_every = sc.train.steps
+        folder = os.path.join(out, name.replace(" ", "_"))
+        train(sc, folder, show_progress=show_progress)
+        rows[name] = {"kind": "scratch", "tokens": longest, "folder": folder}
 
     corpus = load_corpus(tc.data.path, tc.data.val_fraction, tc.data.tokenizer)
     val = eval_windows(corpus.val, tc.data.batch_size, tc.data.seq_len, tc.train.eval_batches, corpus.val_bytes)
@@ -115,11 +126,13 @@ def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, s
     for name, model in models.items():
         graphdef, params = nnx.split(model, nnx.Param)
         rows[name]["val_bpb"] = evaluate(make_eval_step(graphdef), params, val)["bpb"]
-        rows[name]["pattern"] = ",".join(model.config.layer_kinds)
-        rows[name]["state_bytes"] = {str(n): decode_state_bytes(model, n) for n in (256, 4096)}
-    speeds = decode_speeds(models, prompt_len=64, new_tokens=192, repeats=3)
-    for name in rows:
-        rows[name]["decode_tokens_per_s"] = speeds[name]
+        kinds = model.config.layer_kinds
+        rows[name]["pattern"] = f"{len(kinds)} x {kinds[0]}" if len(set(kinds)) == 1 else ",".join(kinds)
+        rows[name]["state_bytes"] = {str(n): decode_state_bytes(model, n) for n in CONTEXTS}
+    for n in CONTEXTS:
+        speeds = decode_speeds(models, n)
+        for name in rows:
+            rows[name].setdefault("decode_tokens_per_s", {})[str(n)] = speeds[name]
     return {"window": window, "teacher_tokens": rows["teacher (softmax)"]["tokens"], "rows": rows}
 
 
@@ -129,21 +142,21 @@ def write_results(result: dict, folder: str) -> None:
         json.dump(result, f, indent=2)
     rows, teacher = result["rows"], result["rows"]["teacher (softmax)"]
     lines = ["| model | layers | training tokens | val bits/byte | after transfer only | decoding state at 256 / 4096 "
-             "tokens | greedy decode tokens/s |", "|---|---|---|---|---|---|---|"]
+             "tokens | decode tokens/s at 256 / 4096 |", "|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         share = "" if r is teacher else f" ({r['tokens'] / teacher['tokens']:.0%} of the teacher's)"
         after = f"{r['after_transfer_bpb']:.3f}" if "after_transfer_bpb" in r else ""
-        state = " / ".join(f"{r['state_bytes'][n] / 1024:,.0f} KiB" for n in ("256", "4096"))
+        state = " / ".join(f"{r['state_bytes'][str(n)] / 1024:,.0f} KiB" for n in CONTEXTS)
+        speed = " / ".join(f"{r['decode_tokens_per_s'][str(n)]:,.0f}" for n in CONTEXTS)
         lines.append(f"| {name} | {r['pattern']} | {r['tokens']:,}{share} | {r['val_bpb']:.3f} | {after} | {state} | "
-                     f"{r['decode_tokens_per_s']:,.0f} |")
+                     f"{speed} |")
     with open(os.path.join(folder, "linearize.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in rows.items():
         left.scatter(r["tokens"], r["val_bpb"], s=40)
         left.annotate(name, (r["tokens"], r["val_bpb"]), textcoords="offset points", xytext=(5, 3), fontsize=8)
-        right.plot([256, 4096], [r["state_bytes"]["256"] / 1024, r["state_bytes"]["4096"] / 1024], marker="o",
-                   label=name)
+        right.plot(CONTEXTS, [r["state_bytes"][str(n)] / 1024 for n in CONTEXTS], marker="o", label=name)
     left.set_xscale("log")
     left.set_xlabel("training tokens")
     left.set_ylabel("validation bits per byte")

@@ -181,3 +181,25 @@ def test_lolcats_and_liger_pipelines_decode_with_a_constant_state(teacher_dir, t
              for n in (64, 1024)]
     assert sizes[0] == sizes[1]
     assert generate(model, jnp.zeros((1, 3), jnp.int32), 4, temperature=0.0).shape == (1, 4)
+
+
+def test_repro_measures_state_and_speed_and_writes_its_table(tmp_path):
+    from experiments import linearize_repro as repro
+
+    teacher = LanguageModel(TEACHER, nnx.Rngs(0))
+    student = transfer.build_student(teacher, transfer.student_config(TEACHER, "lolcats", window=8)).model
+    grows = [repro.decode_state_bytes(teacher, n) for n in (64, 256)]
+    assert grows[1] > 3 * grows[0]                       # the KV cache grows with the context
+    assert repro.decode_state_bytes(student, 64) == repro.decode_state_bytes(student, 256)
+    speeds = repro.decode_speeds({"teacher": teacher, "student": student}, context=96, repeats=1, short=2, long=6)
+    assert all(np.isfinite(v) and v > 0 for v in speeds.values())
+    row = lambda tokens, bpb: {"tokens": tokens, "val_bpb": bpb, "pattern": "2 x softmax",
+                               "state_bytes": {"256": 2048, "4096": 4096},
+                               "decode_tokens_per_s": {"256": 100.0, "4096": 90.0}}
+    result = {"window": 8, "teacher_tokens": 1000,
+              "rows": {"teacher (softmax)": row(1000, 2.0), "lolcats": {**row(250, 2.1), "after_transfer_bpb": 2.5}}}
+    repro.write_results(result, str(tmp_path))
+    table = (tmp_path / "linearize.md").read_text()
+    assert "| lolcats | 2 x softmax | 250 (25% of the teacher's) | 2.100 | 2.500 | 2 KiB / 4 KiB | 100 / 90 |" in table
+    assert (tmp_path / "linearize.png").stat().st_size > 0
+    assert json.loads((tmp_path / "linearize.json").read_text()) == result

@@ -43,9 +43,11 @@ def test_scripts_import_together():
     (the test suite imports them into one process)."""
     import importlib
 
-    for name in ("experiments.train", "experiments.merge", "experiments.peft_sweep", "experiments.generate"):
+    for name in ("experiments.train", "experiments.merge", "experiments.peft_sweep", "experiments.generate",
+                 "experiments.linearize", "experiments.linearize_repro"):
         importlib.import_module(name)
     from absl import flags
 
     assert "pretrain_steps" not in flags.FLAGS and "step" not in flags.FLAGS
     assert "prompt" not in flags.FLAGS and "max_new_tokens" not in flags.FLAGS
+    assert "transfer_steps" not in flags.FLAGS and "window" not in flags.FLAGS
