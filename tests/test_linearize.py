@@ -203,3 +203,13 @@ def test_repro_measures_state_and_speed_and_writes_its_table(tmp_path):
     assert "| lolcats | 2 x softmax | 250 (25% of the teacher's) | 2.100 | 2.500 | 2 KiB / 4 KiB | 100 / 90 |" in table
     assert (tmp_path / "linearize.png").stat().st_size > 0
     assert json.loads((tmp_path / "linearize.json").read_text()) == result
+
+
+@pytest.mark.parametrize("target", transfer.TRANSFER_TARGETS)
+def test_every_transfer_target_takes_the_teachers_projections(target):
+    teacher = LanguageModel(TEACHER, nnx.Rngs(0))
+    student = transfer.build_student(teacher, transfer.student_config(TEACHER, "transfer", target))
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        assert f"layers/1/attn/{name}/kernel" in student.copied, (target, name)
+    x = jax.random.normal(jax.random.key(0), (1, 12, 32))
+    assert np.isfinite(np.asarray(student.model.layers[0].attn(x))).all()
