@@ -213,3 +213,17 @@ def test_every_transfer_target_takes_the_teachers_projections(target):
         assert f"layers/1/attn/{name}/kernel" in student.copied, (target, name)
     x = jax.random.normal(jax.random.key(0), (1, 12, 32))
     assert np.isfinite(np.asarray(student.model.layers[0].attn(x))).all()
+
+
+def test_teacher_errors_are_clear(tmp_path):
+    from experiments.linearize import export_run, stage_config
+
+    with pytest.raises(ValueError, match="config.teacher is empty"):
+        load_teacher("", {})
+    cfg = ModelConfig(d_model=32, num_layers=2, pattern="S", num_heads=4, scan_layers=True)
+    params = nnx.state(LanguageModel(cfg, nnx.Rngs(0)), nnx.Param)
+    export_run(str(tmp_path / "scanned"), params, cfg, stage_config(linearize_config(), ""))
+    with pytest.raises(ValueError, match="scan_layers = True"):
+        load_teacher(str(tmp_path / "scanned"), {})
+    with pytest.raises(ValueError, match="scan_layers = False"):
+        transfer.build_student(LanguageModel(cfg, nnx.Rngs(0)), transfer.student_config(cfg, "liger"))
