@@ -76,6 +76,8 @@ def test_logits_match_transformers(name, loaded):
     exp = expected(name)
     logits = np.asarray(model(jnp.asarray(exp["input_ids"])))
     assert logits.dtype == np.float32 and logits.shape == exp["logits"].shape
+    print(f"{name}: max abs logit difference {np.abs(logits - exp['logits']).max():.2g}, "
+          f"greedy top-1 margin {float(exp['greedy_margin']):.2g}")
     np.testing.assert_allclose(logits, exp["logits"], rtol=0, atol=ATOL)
 
 
