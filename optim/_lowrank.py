@@ -142,10 +142,11 @@ def make_lowrank(
             ex = {k: _core.replicate(extras[k][j]) for k in extra_keys}
             d_dim = proj_lib.projected_dim(ctx.view.m, ctx.view.n, ctx.side)
 
-            def make_projector(g2=g2, ctx=ctx, d_dim=d_dim):
+            def make_projector(q_prev=None, g2=g2, ctx=ctx, d_dim=d_dim):
                 if projector == "svd":
                     k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ctx.index), refresh_idx)
-                    return proj_lib.svd_projector(g2, ctx.rank, ctx.side, method=svd_method, key=k)
+                    return proj_lib.svd_projector(g2, ctx.rank, ctx.side, method=svd_method, key=k,
+                                                  previous=q_prev)
                 if projector == "random":
                     kd = key_data if key_data is not None else jax.random.key_data(jax.random.key(seed))
                     return proj_lib.random_projector(kd, ctx.index, refresh_idx, d_dim, ctx.rank, g2.dtype)
@@ -153,7 +154,7 @@ def make_lowrank(
                 return proj_lib.semi_orthogonal_projector(k, d_dim, ctx.rank, g2.dtype)
 
             def on_refresh(q_prev, mu, nu, ex, ctx=ctx, make_projector=make_projector):
-                q_new = make_projector()
+                q_new = make_projector(q_prev)
                 if projector == "svd" and q_prev is not None:
                     q_new = proj_lib.keep_if_finite(q_new, q_prev)
                 if moment_policy == "reset":

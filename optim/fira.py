@@ -67,7 +67,7 @@ def scale_by_fira(
     _core.check_float("scale", scale, lo=0.0)
     _core.check_float("norm_growth_limit", norm_growth_limit, lo=1.0)
     _core.check_choice("residual", residual, ("paper", "reference"))
-    _core.check_choice("svd_method", svd_method, ("full", "randomized"))
+    _core.check_choice("svd_method", svd_method, proj_lib.SVD_METHODS)
 
     def combine(ctx, g2, q, r, d, c, ex, first):
         low = proj_lib.project_back(d, q, ctx.side)

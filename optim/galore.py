@@ -83,11 +83,13 @@ def scale_by_galore(
 
     Returns the *un-negated* direction ``α · Q N``; chain with
     ``scale_by_learning_rate``. ``svd_method='randomized'`` uses a randomized
-    SVD seeded from ``seed``, the leaf index and the refresh index.
+    SVD seeded from ``seed``, the leaf index and the refresh index;
+    ``svd_method='subspace'`` refines the previous projector by two steps of
+    subspace iteration (the full SVD at the first refresh).
     """
     check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
     _core.check_float("scale", scale, lo=0.0)
-    _core.check_choice("svd_method", svd_method, ("full", "randomized"))
+    _core.check_choice("svd_method", svd_method, proj_lib.SVD_METHODS)
 
     def combine(ctx, g2, q, r, d, c, ex, first):
         return scale * c * proj_lib.project_back(d, q, ctx.side), ex

@@ -364,6 +364,42 @@ def test_randomized_svd_close_to_full():
     np.testing.assert_allclose(np.abs(q_full.T @ q_rand), np.eye(3), atol=1e-3)
 
 
+def test_subspace_iteration_refines_a_warm_start_to_the_exact_subspace():
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(30, 8)) @ np.diag([10, 8, 6, 1e-2, 1e-2, 1e-2, 1e-2, 1e-2]) @ rng.normal(size=(8, 40))
+    a = jnp.asarray(g, jnp.float32)
+    exact = projection.svd_projector(a, 3, "left")
+    start, _ = np.linalg.qr(np.asarray(exact) + 0.3 * rng.normal(size=(30, 3)))     # a rough previous projector
+    sub = jax.jit(lambda a, q: projection.svd_projector(a, 3, "left", method="subspace", previous=q))
+    q = sub(a, jnp.asarray(start, jnp.float32))
+    assert np.abs(np.asarray(exact).T @ start).min() < 0.99                        # the start is off ...
+    np.testing.assert_allclose(np.asarray(exact).T @ np.asarray(q), np.eye(3), atol=1e-4)   # ... the result is not
+    # no previous projector (all zeros: the first refresh) falls back to the full SVD
+    np.testing.assert_allclose(np.asarray(sub(a, jnp.zeros((30, 3)))), np.asarray(exact), atol=1e-5)
+    with pytest.raises(ValueError, match="'subspace'"):
+        projection.svd_projector(a, 3, "left", method="lanczos")
+
+
+def test_galore_with_subspace_refresh_tracks_the_full_svd():
+    params = {"mlp": {"up_proj": {"kernel": jnp.zeros((24, 10))}}}
+    rng = np.random.default_rng(2)
+    base = rng.normal(size=(24, 3)) @ rng.normal(size=(3, 10)) * 5
+    grads = [jax.tree.map(lambda x: jnp.asarray(base + 0.1 * rng.normal(size=x.shape), jnp.float32), params)
+             for _ in range(9)]
+    runs = {}
+    for method in ("full", "subspace"):
+        tx = optim.galore(0.01, rank=3, update_proj_gap=3, svd_method=method)
+        st, upd = tx.init(params), jax.jit(tx.update)
+        outs = []
+        for g in grads:
+            u, st = upd(g, st, params)
+            outs.append(np.asarray(u["mlp"]["up_proj"]["kernel"]))
+        runs[method] = np.stack(outs)
+    np.testing.assert_allclose(runs["subspace"], runs["full"], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="svd_method"):
+        optim.galore(0.01, svd_method="lanczos")
+
+
 def test_reverse_std_matches_optax_contrib_galore():
     params = {"mlp": {"a": {"kernel": jnp.zeros((12, 5))}, "b": {"kernel": jnp.zeros((5, 12))}}}
     rng = np.random.default_rng(3)
