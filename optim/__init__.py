@@ -2,7 +2,8 @@
 
 Public aliases ``(learning_rate, ...) -> optax.GradientTransformation``:
 :func:`galore`, :func:`apollo`, :func:`apollo_mini`, :func:`fira`,
-:func:`frugal`, :func:`natural_galore`, and :data:`adamw`, which is
+:func:`frugal`, :func:`natural_galore`, :func:`adamw_8bit` (AdamW with
+block-wise 8-bit moments, :mod:`optim.quantized`), and :data:`adamw`, which is
 ``optax.adamw`` itself (re-exported so that ``from_config('adamw', ...)`` and
 ``--config.optim.name=adamw`` build exactly optax's AdamW). The low-rank
 aliases send the leaves they do not project to their own branch labelled
@@ -36,6 +37,7 @@ from .galore import GaLoreState, galore, scale_by_galore
 from .masking import default_projection_mask
 from .natural_galore import NaturalGaLoreState, natural_galore, scale_by_natural_galore
 from .projection import MatrixDims
+from .quantized import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
 
 # ``adamw`` is ``optax.adamw`` itself (same function, same signature and defaults: eps 1e-8,
 # weight_decay 1e-4); lolax has no AdamW of its own. The HF-style Adam of the low-rank aliases'
@@ -45,6 +47,7 @@ adamw = optax.adamw
 
 OPTIMIZERS = {
     "adamw": adamw,
+    "adamw_8bit": adamw_8bit,
     "galore": galore,
     "apollo": apollo,
     "apollo_mini": apollo_mini,
@@ -70,9 +73,10 @@ def from_config(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs
 
 __all__ = [
     "ApolloState", "FiraState", "FrugalState", "GaLoreState", "MatrixDims",
-    "NaturalGaLoreState", "OPTIMIZERS", "ScaleByAdamState", "adamw", "apollo",
+    "NaturalGaLoreState", "OPTIMIZERS", "ScaleByAdam8bitState", "ScaleByAdamState", "adamw", "adamw_8bit",
+    "apollo",
     "apollo_mini", "default_projection_mask", "fira", "format_state_bytes",
     "from_config", "frugal", "galore", "masking", "natural_galore", "param_bytes",
     "projection", "scale_by_adam", "scale_by_apollo", "scale_by_fira",
-    "scale_by_frugal", "scale_by_galore", "scale_by_natural_galore", "state_bytes",
+    "scale_by_adam_8bit", "scale_by_frugal", "scale_by_galore", "scale_by_natural_galore", "state_bytes",
 ]

@@ -32,6 +32,7 @@ from lolax.optim.accounting import LLAMA_CONFIGS, llama_abstract_params  # noqa:
 
 FORMULAS = {
     "AdamW": "2mn",
+    "AdamW 8-bit": "2mn (1 byte each, plus a float32 scale per 256)",
     "GaLore (std)": "mr (projector) + 2nr",
     "APOLLO": "2nr + 2 (key, limiter norm)",
     "APOLLO-Mini": "2n + 2",
@@ -40,6 +41,7 @@ FORMULAS = {
     "SLTrain + AdamW": "2(mr + rn + delta mn) (A, B, S values)",
 }
 SLTRAIN_DENSITY = 0.03
+DENSE_ADAM = ("AdamW", "AdamW 8-bit")      # rows whose state covers every weight
 
 
 def sltrain_rank(cfg) -> int:
@@ -56,6 +58,7 @@ def optimizers(cfg):
     gr, ar = cfg["galore_rank"], cfg["apollo_rank"]
     return {
         "AdamW": optim.adamw(1e-2),
+        "AdamW 8-bit": optim.adamw_8bit(1e-2),
         "GaLore (std)": optim.galore(1e-2, rank=gr),
         "APOLLO": optim.apollo(1e-2, rank=ar),
         "APOLLO-Mini": optim.apollo_mini(1e-2),
@@ -79,9 +82,9 @@ def table(dtype=jnp.float32):
                              rank=(cfg["galore_rank"] if name in ("GaLore (std)", "Fira") else
                                    cfg["apollo_rank"] if name == "APOLLO" else
                                    1 if name == "APOLLO-Mini" else "-"),
-                             linears_state_M=low / 1e6 if name != "AdamW" else
+                             linears_state_M=low / 1e6 if name not in DENSE_ADAM else
                              2 * n_lin / 1e6,
-                             other_adam_M=adam / 1e6 if name != "AdamW" else
+                             other_adam_M=adam / 1e6 if name not in DENSE_ADAM else
                              (adam - 2 * n_lin) / 1e6,
                              total_M=b["total"]["values"] / 1e6,
                              total_GiB=b["total"]["bytes"] / 2**30,
