@@ -3,7 +3,8 @@
 Public aliases ``(learning_rate, ...) -> optax.GradientTransformation``:
 :func:`galore`, :func:`apollo`, :func:`apollo_mini`, :func:`fira`,
 :func:`frugal`, :func:`natural_galore`, :func:`adamw_8bit` (AdamW with
-block-wise 8-bit moments, :mod:`optim.quantized`), and :data:`adamw`, which is
+block-wise 8-bit moments, :mod:`optim.quantized`), :func:`lisa` (layer sampling around any
+optimizer; :func:`lisa_adamw`), and :data:`adamw`, which is
 ``optax.adamw`` itself (re-exported so that ``from_config('adamw', ...)`` and
 ``--config.optim.name=adamw`` build exactly optax's AdamW). The low-rank
 aliases send the leaves they do not project to their own branch labelled
@@ -34,6 +35,7 @@ from .apollo import ApolloState, apollo, apollo_mini, scale_by_apollo
 from .fira import FiraState, fira, scale_by_fira
 from .frugal import FrugalState, frugal, scale_by_frugal
 from .galore import GaLoreState, galore, scale_by_galore
+from .lisa import LisaState, lisa, lisa_adamw
 from .masking import default_projection_mask
 from .natural_galore import NaturalGaLoreState, natural_galore, scale_by_natural_galore
 from .projection import MatrixDims
@@ -48,6 +50,7 @@ adamw = optax.adamw
 OPTIMIZERS = {
     "adamw": adamw,
     "adamw_8bit": adamw_8bit,
+    "lisa_adamw": lisa_adamw,
     "galore": galore,
     "apollo": apollo,
     "apollo_mini": apollo_mini,
@@ -74,7 +77,7 @@ def from_config(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs
 __all__ = [
     "ApolloState", "FiraState", "FrugalState", "GaLoreState", "MatrixDims",
     "NaturalGaLoreState", "OPTIMIZERS", "ScaleByAdam8bitState", "ScaleByAdamState", "adamw", "adamw_8bit",
-    "apollo",
+    "LisaState", "apollo", "lisa", "lisa_adamw",
     "apollo_mini", "default_projection_mask", "fira", "format_state_bytes",
     "from_config", "frugal", "galore", "masking", "natural_galore", "param_bytes",
     "projection", "scale_by_adam", "scale_by_apollo", "scale_by_fira",

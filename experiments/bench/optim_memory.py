@@ -33,6 +33,7 @@ from lolax.optim.accounting import LLAMA_CONFIGS, llama_abstract_params  # noqa:
 FORMULAS = {
     "AdamW": "2mn",
     "AdamW 8-bit": "2mn (1 byte each, plus a float32 scale per 256)",
+    "LISA (2 layers) + AdamW": "2mn for 2 sampled layers, 0 for the others",
     "GaLore (std)": "mr (projector) + 2nr",
     "APOLLO": "2nr + 2 (key, limiter norm)",
     "APOLLO-Mini": "2n + 2",
@@ -42,6 +43,7 @@ FORMULAS = {
 }
 SLTRAIN_DENSITY = 0.03
 DENSE_ADAM = ("AdamW", "AdamW 8-bit")      # rows whose state covers every weight
+LISA_ACTIVE = 2
 
 
 def sltrain_rank(cfg) -> int:
@@ -59,12 +61,23 @@ def optimizers(cfg):
     return {
         "AdamW": optim.adamw(1e-2),
         "AdamW 8-bit": optim.adamw_8bit(1e-2),
+        "LISA (2 layers) + AdamW": optim.lisa_adamw(1e-2, num_active=LISA_ACTIVE),
         "GaLore (std)": optim.galore(1e-2, rank=gr),
         "APOLLO": optim.apollo(1e-2, rank=ar),
         "APOLLO-Mini": optim.apollo_mini(1e-2),
         "Fira": optim.fira(1e-2, rank=gr),
         "FRUGAL (rho=0.25)": optim.frugal(1e-2, density=0.25),
     }
+
+
+def linears_state(name: str, low: int, n_lin: int, cfg) -> int:
+    """State values on the projected kernels: the low-rank state, both Adam moments of every
+    kernel, or (LISA) both moments of the kernels of the sampled layers."""
+    if name in DENSE_ADAM:
+        return 2 * n_lin
+    if name.startswith("LISA"):
+        return 2 * n_lin * LISA_ACTIVE // cfg["layers"]
+    return low
 
 
 def table(dtype=jnp.float32):
@@ -82,10 +95,9 @@ def table(dtype=jnp.float32):
                              rank=(cfg["galore_rank"] if name in ("GaLore (std)", "Fira") else
                                    cfg["apollo_rank"] if name == "APOLLO" else
                                    1 if name == "APOLLO-Mini" else "-"),
-                             linears_state_M=low / 1e6 if name not in DENSE_ADAM else
-                             2 * n_lin / 1e6,
-                             other_adam_M=adam / 1e6 if name not in DENSE_ADAM else
-                             (adam - 2 * n_lin) / 1e6,
+                             linears_state_M=linears_state(name, low, n_lin, cfg) / 1e6,
+                             other_adam_M=(adam - (linears_state(name, low, n_lin, cfg) if name in DENSE_ADAM
+                                                   or name.startswith("LISA") else 0)) / 1e6,
                              total_M=b["total"]["values"] / 1e6,
                              total_GiB=b["total"]["bytes"] / 2**30,
                              formula=FORMULAS[name]))
