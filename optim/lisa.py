@@ -103,11 +103,16 @@ def _layout(tree, layer_of: LayerOf) -> _Layout:
     return _Layout(treedef, tuple(outer), groups)
 
 
+def _pick(arrays: list[jax.Array], index: jax.Array) -> jax.Array:
+    """``arrays[index]`` for a traced ``index``, copying only the chosen array (no stack of all)."""
+    return jax.lax.switch(index, [lambda a=a: a for a in arrays])
+
+
 def _split(tree, layout: _Layout, active) -> tuple[list, list]:
     """``tree`` -> (leaves outside the layers, per group {path: the active layers' leaves stacked})."""
     leaves = layout.treedef.flatten_up_to(tree)
     outer = [leaves[i] for i in layout.outer_ids]
-    slots = [{sub: jnp.stack([leaves[i] for i in ids])[idx] for sub, ids in group.leaf_ids.items()}
+    slots = [{sub: jnp.stack([_pick([leaves[i] for i in ids], k) for k in idx]) for sub, ids in group.leaf_ids.items()}
              for group, idx in zip(layout.groups, active)]
     return outer, slots
 
@@ -166,11 +171,12 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
         for i, u in zip(layout.outer_ids, u_outer["outer"]):
             leaves[i] = u
         for group, idx, u_group in zip(layout.groups, active, u_slots["slots"]):
-            for sub, ids in group.leaf_ids.items():
-                stacked = jnp.zeros((len(ids),) + leaves[ids[0]].shape, leaves[ids[0]].dtype)
-                stacked = stacked.at[idx].set(u_group[sub].astype(stacked.dtype))
-                for j, i in enumerate(ids):
-                    leaves[i] = stacked[j]
+            for j in range(len(group.layers)):
+                hit = idx == j                     # is layer j in a slot, and in which
+                slot = jnp.argmax(hit)
+                for sub, ids in group.leaf_ids.items():
+                    u = jax.lax.dynamic_index_in_dim(u_group[sub], slot, keepdims=False)
+                    leaves[ids[j]] = jnp.where(jnp.any(hit), u, 0).astype(leaves[ids[j]].dtype)
         new_state = LisaState(optax.safe_int32_increment(state.count), state.key, active, outer_state, slot_state)
         return layout.treedef.unflatten(leaves), new_state
 

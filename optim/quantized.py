@@ -9,9 +9,11 @@ largest entry is a thousand times its typical one still keeps the typical ones, 
 code would round to zero.  Quantisation error is relative to the block's scale, and blocks are
 small, so one outlier costs precision in its own block only.
 
-* first moment ``m``: signed ``int8``, ``L = 127``, ``p = 3``;
+* first moment ``m``: signed ``int8``, ``L = 127``, ``p = 4``;
 * second moment ``v``: unsigned ``uint8``, ``L = 255``, ``p = 4`` (``sqrt(v)``, the quantity
   Adam divides by, gets the ``p = 2`` resolution).
+
+The roots are square roots, so coding costs about as much as the Adam arithmetic itself.
 
 The arithmetic of a step is float32: each moment is read back, updated with the new gradient
 and stored again.  Leaves smaller than ``min_size`` values keep float32 moments (their state
@@ -46,28 +48,39 @@ class Quantized(NamedTuple):
     scales: jax.Array
 
 
-FIRST = (True, 127, 3.0)     # (signed, levels, power) of the first moment's code
-SECOND = (False, 255, 4.0)   # ... and of the second moment's
+FIRST = (True, 127, 4)       # (signed, levels, power) of the first moment's code
+SECOND = (False, 255, 4)     # ... and of the second moment's
 
 
-def quantize(x: jax.Array, block_size: int, code: tuple[bool, int, float]) -> Quantized:
+def _root(u: jax.Array, power: int) -> jax.Array:
+    """``u ** (1 / power)`` for ``u >= 0``; powers 2 and 4 by square roots, which cost about as
+    much as a multiplication (a cube root or a general power costs a log and an exp per value,
+    several times a whole Adam step on a CPU)."""
+    if power == 2:
+        return jnp.sqrt(u)
+    if power == 4:
+        return jnp.sqrt(jnp.sqrt(u))
+    return u ** (1.0 / power)
+
+
+def quantize(x: jax.Array, block_size: int, code: tuple[bool, int, int]) -> Quantized:
     """``x`` (any shape) -> :class:`Quantized` with ``code = (signed, levels, power)``."""
     signed, levels, power = code
     flat = x.astype(jnp.float32).reshape(-1)
     pad = -flat.size % block_size
     blocks = jnp.pad(flat, (0, pad)).reshape(-1, block_size)
     scales = jnp.max(jnp.abs(blocks), axis=1)
-    safe = jnp.where(scales > 0, scales, 1.0)[:, None]
-    mag = jnp.round(levels * (jnp.abs(blocks) / safe) ** (1.0 / power))
+    inverse = jnp.where(scales > 0, 1.0 / jnp.where(scales > 0, scales, 1.0), 0.0)[:, None]
+    mag = jnp.round(levels * _root(jnp.abs(blocks) * inverse, power))
     codes = (jnp.sign(blocks) * mag).astype(jnp.int8) if signed else mag.astype(jnp.uint8)
     return Quantized(codes.reshape(-1), scales)
 
 
-def dequantize(q: Quantized, shape: tuple[int, ...], block_size: int, code: tuple[bool, int, float]) -> jax.Array:
+def dequantize(q: Quantized, shape: tuple[int, ...], block_size: int, code: tuple[bool, int, int]) -> jax.Array:
     """The float32 tensor of ``shape`` that :func:`quantize` stored in ``q``."""
     _, levels, power = code
-    c = q.codes.astype(jnp.float32).reshape(-1, block_size)
-    values = jnp.sign(c) * (jnp.abs(c) / levels) ** power * q.scales[:, None]
+    c = q.codes.astype(jnp.float32).reshape(-1, block_size) * (1.0 / levels)
+    values = jnp.sign(c) * jax.lax.integer_pow(jnp.abs(c), power) * q.scales[:, None]
     size = 1
     for dim in shape:
         size *= dim

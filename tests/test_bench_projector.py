@@ -17,10 +17,10 @@ def test_subspace_errors_measure_angle_and_energy():
     assert np.isclose(sin2, 1.0) and 0 < energy < 1
 
 
-def test_at_refresh_puts_every_step_counter_on_a_refresh():
+def test_at_step_puts_every_step_counter_on_a_refresh():
     params = {"w": {"kernel": np.zeros((4, 6), np.float32)}}
     tx = optim.galore(1e-2, rank=2, update_proj_gap=200)
     state = tx.update(params, tx.init(params), params)[1]
-    counts = {jax.tree_util.keystr(p): int(x) for p, x in jax.tree_util.tree_flatten_with_path(pq._at_refresh(state))[0]
-              if jax.tree_util.keystr(p).endswith("count")}
+    flat = jax.tree_util.tree_flatten_with_path(pq.at_step(state, 200))[0]
+    counts = {jax.tree_util.keystr(p): int(x) for p, x in flat if jax.tree_util.keystr(p).endswith("count")}
     assert counts and all(v == 200 for k, v in counts.items() if k.endswith(".count"))

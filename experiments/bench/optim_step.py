@@ -2,8 +2,9 @@
 
 Part 1 (``--part step``): the attention/MLP matrices of the LLaMA-60M config
 (``--layers`` of its 8 layers; 7 kernels per layer, float32), one jitted
-``tx.update`` per optimizer, timed at a refresh step (``count % T == 0``: SVD
-or new random projector) and at an ordinary step. The baseline ``adamw`` is
+``tx.update`` per optimizer, timed at a refresh step (``count = T``, a refresh after the
+first: SVD, warm-started subspace iteration or a new random projector) and at an ordinary
+step. The baseline ``adamw`` is
 ``optim.adamw`` (``optax.adamw``); ``adam_hf`` is the HF-style Adam that the
 low-rank aliases use on the leaves they do not project (``optim.scale_by_adam``
 plus the same decoupled weight decay), here applied to every matrix. GaLore
@@ -64,6 +65,15 @@ def _time(fn, *args, reps):
     return float(np.min(ts))
 
 
+def at_step(state, step: int):
+    """``state`` with every step counter (int32 leaves named ``count``) set to ``step``: a refresh
+    when ``step`` is a multiple of the gap, after the first one (so warm starts have a start)."""
+    def reset(path, x):
+        name = jax.tree_util.keystr(path)
+        return jnp.full_like(x, step) if name.endswith(".count") and x.dtype == jnp.int32 else x
+    return jax.tree_util.tree_map_with_path(reset, state)
+
+
 def step_times(layers, reps, gap=200, refresh_reps=2):
     """Round-robin timing: every repetition visits every optimizer in turn, so load
     from other processes on a shared machine hits all of them alike; min per cell."""
@@ -71,9 +81,12 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
     grads = jax.tree.map(lambda x: x * 1e-2 + 1e-3, params)
     txs = {
         "adamw": optim.adamw(1e-2),
+        "adamw_8bit": optim.adamw_8bit(1e-2),
+        "lisa_adamw (1 layer)": optim.lisa_adamw(1e-2, num_active=1),
         "adam_hf": optax.chain(optim.scale_by_adam(), optax.add_decayed_weights(1e-4),
                                optax.scale_by_learning_rate(1e-2)),
         "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),
+        "galore (subspace)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="subspace"),
         "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
         "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
         "apollo_mini": optim.apollo_mini(1e-2, update_proj_gap=gap),
@@ -84,9 +97,11 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
     for name, tx in txs.items():
         upd = jax.jit(tx.update)
         s0 = tx.init(params)
-        _, s1 = jax.block_until_ready(upd(grads, s0, params))   # compiles; count 0 = refresh
+        _, s1 = jax.block_until_ready(upd(grads, s0, params))   # compiles; count 0 = first refresh
         jax.block_until_ready(upd(grads, s1, params))           # count 1 = ordinary
-        fns[name] = (upd, s0, s1)
+        s_ref = at_step(s1, gap)                                # a later refresh (count = gap)
+        jax.block_until_ready(upd(grads, s_ref, params))
+        fns[name] = (upd, s_ref, s1)
 
     def once(upd, s):
         t0 = time.perf_counter()
@@ -194,6 +209,11 @@ def lm_compare(steps, lrs, gap, rank, seq=64, batch=16, d_model=64, layers=2):
         "apollo": (optim.apollo, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
         "apollo_mini": (optim.apollo_mini, dict(update_proj_gap=gap), ("rank", "update_proj_gap")),
         "fira": (optim.fira, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
+        "galore (subspace)": (optim.galore, dict(rank=rank, update_proj_gap=gap, svd_method="subspace"),
+                              ("rank", "update_proj_gap", "svd_method")),
+        "adamw_8bit": (optim.adamw_8bit, dict(weight_decay=0.0), ("block_size", "min_size")),
+        "lisa_adamw (1 of 2 layers)": (optim.lisa_adamw, dict(weight_decay=0.0, num_active=1, interval=gap),
+                                       ("num_active", "interval", "seed")),
     }
     out = {"source": source, "steps": steps, "seq": seq, "batch": batch, "rank": rank, "gap": gap}
     for name, (fn, kw, static) in methods.items():

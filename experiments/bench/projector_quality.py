@@ -32,7 +32,7 @@ import optax
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from experiments.bench.optim_step import lm_setup, matrices_60m  # noqa: E402
+from experiments.bench.optim_step import at_step, lm_setup, matrices_60m  # noqa: E402
 from lolax import optim  # noqa: E402
 from lolax.optim import projection  # noqa: E402
 
@@ -110,7 +110,7 @@ def refresh_times(reps: int, rank: int = 128) -> dict:
         upd = jax.jit(tx.update)
         s0 = tx.init(params)
         _, s1 = jax.block_until_ready(upd(grads, s0, params))
-        s = _at_refresh(s1)          # a later refresh: subspace iteration starts from the first projector
+        s = at_step(s1, 200)         # a later refresh: subspace iteration starts from the first projector
         jax.block_until_ready(upd(grads, s, params))
         fns[name] = (upd, s)
     times = {n: [] for n in fns}
@@ -120,14 +120,6 @@ def refresh_times(reps: int, rank: int = 128) -> dict:
             jax.block_until_ready(upd(grads, s, params))
             times[n].append(time.perf_counter() - t)
     return {n: float(np.min(t)) for n, t in times.items()}
-
-
-def _at_refresh(state):
-    """``state`` with every step counter set back to a refresh step (a multiple of the gap)."""
-    def reset(path, x):
-        name = jax.tree_util.keystr(path)
-        return jnp.full_like(x, 200) if name.endswith(".count") and x.dtype == jnp.int32 else x
-    return jax.tree_util.tree_map_with_path(reset, state)
 
 
 def lm_runs(steps: int, gap: int, rank: int, lr: float, seq: int, batch: int, d_model: int, layers: int) -> dict:
