@@ -96,6 +96,16 @@ def test_an_nnx_language_model_trains_with_lisa_adamw():
     assert float(loss(params)) < first
 
 
+def test_flax_linen_layer_names_are_found_too():
+    from lolax.optim.lisa import default_layer_of
+
+    path = jax.tree_util.tree_flatten_with_path({"layers_3": {"mlp": {"w": 0}}})[0][0][0]
+    assert default_layer_of(path) == (3, ("mlp", "w"))
+    path = jax.tree_util.tree_flatten_with_path({"layers": {2: {"w": 0}}})[0][0][0]
+    assert default_layer_of(path) == (2, ("w",))
+    assert default_layer_of(jax.tree_util.tree_flatten_with_path({"embed": 0})[0][0][0]) is None
+
+
 def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="no repeated layers"):
         optim.lisa(optax.adam(1e-2)).init({"w": jnp.zeros((3, 3))})
