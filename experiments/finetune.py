@@ -103,6 +103,15 @@ def load_base(path: str, current: ModelConfig | None = None) -> Base:
     return Base(path=path, model=model_cfg, params=restored.params, step=step)
 
 
+def model_from_base(base: Base, model_cfg: ModelConfig | None = None) -> LanguageModel:
+    """``base``'s parameters in a model of ``model_cfg`` (default ``base.model``; only runtime
+    fields may differ), built abstractly first so nothing is initialised twice."""
+    cfg = base.model if model_cfg is None else model_cfg
+    model = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))
+    nnx.update(model, jax.tree.map(jnp.asarray, base.params))
+    return model
+
+
 def build_model(model_cfg: ModelConfig, seed: int, base: Base | None, peft_cfg: peft.PeftConfig | None,
                 init_data: Iterable | None = None) -> tuple[LanguageModel, str]:
     """The model to train: ``base``'s parameters (else a fresh init from ``seed``), adapted by
@@ -110,8 +119,7 @@ def build_model(model_cfg: ModelConfig, seed: int, base: Base | None, peft_cfg: 
     if base is None:
         model = LanguageModel(model_cfg, nnx.Rngs(seed))
     else:
-        model = nnx.eval_shape(lambda: LanguageModel(model_cfg, nnx.Rngs(seed)))
-        nnx.update(model, jax.tree.map(jnp.asarray, base.params))
+        model = model_from_base(base, model_cfg)
     fingerprint = peft.fingerprint(nnx.state(model, nnx.Param))
     if peft_cfg is not None:
         peft.apply(model, peft_cfg, nnx.Rngs(seed + 2), data=init_data)

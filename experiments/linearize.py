@@ -59,9 +59,7 @@ def load_teacher(path: str, runtime: dict) -> LanguageModel:
     if base.model.scan_layers:
         raise ValueError(f"teacher {path!r} was trained with model.scan_layers = True; linearisation needs "
                          "its layers unstacked")
-    model = nnx.eval_shape(lambda: LanguageModel(cfg, nnx.Rngs(0)))
-    nnx.update(model, jax.tree.map(jnp.asarray, base.params))
-    return model
+    return finetune.model_from_base(base, cfg)
 
 
 def _check_settings(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -217,9 +215,7 @@ def linearize(config: ml_collections.ConfigDict, workdir: str, show_progress: bo
         result = train(stage2, recovery_dir, show_progress=show_progress)
         summary["recovery_trainable"] = result["trainable_params"]
         merge_run(recovery_dir, final_dir)
-    final = finetune.load_base(final_dir)
-    model = nnx.eval_shape(lambda: LanguageModel(final.model, nnx.Rngs(0)))
-    nnx.update(model, jax.tree.map(jnp.asarray, final.params))
+    model = finetune.model_from_base(finetune.load_base(final_dir))
     summary["final_val_bpb"] = validation_bpb(model, corpus, config, eval_batches)
     summary["tokens"] = {"transfer": transfer_steps * tokens_per_step,
                          "recovery": config.recovery.steps * tokens_per_step}

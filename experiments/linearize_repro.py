@@ -52,13 +52,6 @@ SCRATCH = (("gdn from scratch", "E"), ("lolcats from scratch", "O"))
 CONTEXTS = (256, 4096)          # decoding state and speed are measured at these context lengths
 
 
-def run_folder_model(path: str) -> LanguageModel:
-    base = finetune.load_base(path)
-    model = nnx.eval_shape(lambda: LanguageModel(base.model, nnx.Rngs(0)))
-    nnx.update(model, jax.tree.map(jnp.asarray, base.params))
-    return model
-
-
 def decode_state_bytes(model: LanguageModel, context: int) -> int:
     """Bytes of the decoding caches for a context of ``context`` tokens (batch 1)."""
     graphdef, state = nnx.split(model)
@@ -122,7 +115,7 @@ def reproduce(out: str, window: int, transfer_steps: int, recovery_steps: int, s
 
     corpus = load_corpus(tc.data.path, tc.data.val_fraction, tc.data.tokenizer)
     val = eval_windows(corpus.val, tc.data.batch_size, tc.data.seq_len, tc.train.eval_batches, corpus.val_bytes)
-    models = {name: run_folder_model(row["folder"]) for name, row in rows.items()}
+    models = {name: finetune.model_from_base(finetune.load_base(row["folder"])) for name, row in rows.items()}
     for name, model in models.items():
         graphdef, params = nnx.split(model, nnx.Param)
         rows[name]["val_bpb"] = evaluate(make_eval_step(graphdef), params, val)["bpb"]

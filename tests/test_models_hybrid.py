@@ -92,7 +92,7 @@ def liger_reference(layer, x):
     return layer.o_proj((0.5 * swa + 0.5 * gla).astype(x.dtype).reshape(B, T, -1))
 
 
-REFERENCES = {"lolcats": lolcats_reference, "liger": liger_reference}
+NAIVE = {"lolcats": lolcats_reference, "liger": liger_reference}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def test_outputs_and_gradients_match_the_quadratic_reference(kind):
         return run(state, x)
 
     out, (gs_out, gx_out) = value_and_grads(lambda m, x: m(x))
-    ref, (gs_ref, gx_ref) = value_and_grads(REFERENCES[kind])
+    ref, (gs_ref, gx_ref) = value_and_grads(NAIVE[kind])
     assert np.all(np.isfinite(out))
     assert rel_rms_error(ref, out) < 1e-5
     assert rel_rms_error(gx_ref, gx_out) < 1e-4
