@@ -74,6 +74,22 @@ def at_step(state, step: int):
     return jax.tree_util.tree_map_with_path(reset, state)
 
 
+def projection_floor(rank: int) -> optax.GradientTransformation:
+    """Not an optimizer: only the two products a rank-``rank`` projection method does per matrix
+    and step (project the gradient, project the result back), with a fixed projector. Its time
+    is the floor under GaLore's and APOLLO's ordinary steps."""
+
+    def init_fn(params):
+        return tuple(jnp.full((min(p.shape), rank), 0.01, p.dtype) for p in jax.tree.leaves(params))
+
+    def update_fn(updates, state, params=None):
+        out = [q @ (q.T @ g) if g.shape[0] <= g.shape[1] else (g @ q) @ q.T
+               for g, q in zip(jax.tree.leaves(updates), state)]
+        return jax.tree.unflatten(jax.tree.structure(updates), out), state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def step_times(layers, reps, gap=200, refresh_reps=2):
     """Round-robin timing: every repetition visits every optimizer in turn, so load
     from other processes on a shared machine hits all of them alike; min per cell."""
@@ -89,6 +105,8 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
         "galore (subspace)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="subspace"),
         "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
         "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
+        "apollo (cached projector)": optim.apollo(1e-2, rank=128, update_proj_gap=gap, cache_projector=True),
+        "projections only (rank 128)": projection_floor(128),
         "apollo_mini": optim.apollo_mini(1e-2, update_proj_gap=gap),
         "fira": optim.fira(1e-2, rank=128, update_proj_gap=gap),
         "frugal": optim.frugal(1e-2, density=0.25, update_proj_gap=gap),
