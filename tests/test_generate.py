@@ -12,7 +12,7 @@ import pytest
 
 from experiments import generate as gen
 from experiments.configs.lm_shakespeare import get_config
-from experiments.data import ByteTokenizer, load_corpus
+from experiments.data import ByteTokenizer
 from experiments.trainer import train
 from lolax.models import generate
 
@@ -30,13 +30,6 @@ def tiny_config(data_path, steps=2):
     c.train.eval_batches, c.train.checkpoint_every, c.train.sample_tokens = 1, steps, 0
     c.mesh.data = 1
     return c
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "plays.txt"
-    path.write_bytes(load_corpus().train[:20_000].tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")

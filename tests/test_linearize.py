@@ -22,13 +22,6 @@ TEACHER = ModelConfig(d_model=32, num_layers=2, pattern="S", num_heads=4, num_kv
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "plays.txt"
-    path.write_bytes(load_corpus().train[:60_000].tobytes())
-    return path
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, text_file):
     """A two-layer softmax teacher with grouped-query heads, trained for a few steps."""
     c = tiny_config(text_file, steps=30)

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
-from test_train import text_file, tiny_config  # noqa: F401  (text_file is a fixture)
+from test_train import tiny_config
 
 from experiments import finetune
 from experiments.checkpoint import Checkpointer
@@ -36,7 +36,7 @@ def adapter_config(data, base, steps, method="dora", **peft_fields):
 
 
 @pytest.fixture(scope="module")
-def pretrained(text_file, tmp_path_factory):  # noqa: F811
+def pretrained(text_file, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("runs") / "pre"
     c = tiny_config(text_file, steps=10)
     c.model.pattern = "LLLS"
@@ -45,7 +45,7 @@ def pretrained(text_file, tmp_path_factory):  # noqa: F811
     return workdir
 
 
-def test_adapter_run_resume_refusal_and_merge(text_file, pretrained, tmp_path, capsys):  # noqa: F811
+def test_adapter_run_resume_refusal_and_merge(text_file, pretrained, tmp_path, capsys):
     workdir = tmp_path / "dora"
     c = adapter_config(text_file, pretrained, steps=5)
     c.model.pattern = "LS"          # ignored: the model comes from the checkpoint
@@ -106,7 +106,7 @@ def test_adapter_run_resume_refusal_and_merge(text_file, pretrained, tmp_path, c
     assert run(full, tmp_path / "full")["step"] == 2
 
 
-def test_low_rank_optimizer_on_adapters(text_file, pretrained, tmp_path, capsys):  # noqa: F811
+def test_low_rank_optimizer_on_adapters(text_file, pretrained, tmp_path, capsys):
     c = adapter_config(text_file, pretrained, steps=3, method="lora", rank=4)
     c.optim.name, c.optim.rank, c.optim.update_proj_gap = "galore", 2, 2
     summary = run(c, tmp_path / "galore")
@@ -144,7 +144,7 @@ def test_runs_saved_before_a_field_existed_still_resume(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["eva", "lora_sb", "nola"])
-def test_data_driven_and_seeded_adapters_resume_and_merge(text_file, pretrained, tmp_path, method):  # noqa: F811
+def test_data_driven_and_seeded_adapters_resume_and_merge(text_file, pretrained, tmp_path, method):
     """Data-driven inits are recomputed on resume (then overwritten by the checkpoint); seeded
     bases are regenerated; merging reproduces the adapted model."""
     workdir = tmp_path / method
@@ -160,7 +160,7 @@ def test_data_driven_and_seeded_adapters_resume_and_merge(text_file, pretrained,
     np.testing.assert_allclose(np.asarray(model_m(x)), np.asarray(adapted(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_sltrain_model_trains_through_the_script(text_file, tmp_path):  # noqa: F811
+def test_sltrain_model_trains_through_the_script(text_file, tmp_path):
     c = tiny_config(text_file, steps=4)
     c.model.sltrain_rank, c.model.sltrain_density = 4, 0.05
     summary = run(c, tmp_path / "sltrain")

@@ -15,7 +15,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.configs.lm_shakespeare import get_config
-from experiments.data import load_corpus
 from experiments.metrics import read_metrics
 from experiments.optimizers import make_optimizer
 from experiments.train_state import init_state, make_train_step
@@ -24,14 +23,6 @@ from lolax.models import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "experiments" / "configs" / "lm_shakespeare.py")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """~100 KB of Shakespeare: small enough to load instantly, real enough to learn from."""
-    path = tmp_path_factory.mktemp("data") / "plays.txt"
-    path.write_bytes(load_corpus().train[:100_000].tobytes())
-    return path
 
 
 def tiny_config(data_path, steps=40):
