@@ -33,6 +33,11 @@ def check_int(name: str, value, *, minimum: int = 1) -> None:
         raise ValueError(f"{name}={value!r}; expected an int >= {minimum}")
 
 
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} (type {type(value).__name__}); expected True or False")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}={value!r}; expected one of {tuple(choices)}")
@@ -137,12 +142,20 @@ def rotate_moments(mu, nu, q_old, q_new, side: str):
     ``ν' = (C∘C) ν`` resp. ``ν (C∘C)ᵀ`` — exact for signed permutations, keeps
     ``ν >= 0`` otherwise.
     """
-    c = (q_new.astype(jnp.float32).T @ q_old.astype(jnp.float32))
+    c = basis_overlap(q_new, q_old)
     c2 = c * c
     mu32, nu32 = mu.astype(jnp.float32), nu.astype(jnp.float32)
     if side == "left":
         return c @ mu32, c2 @ nu32
     return mu32 @ c.T, nu32 @ c2.T
+
+
+def basis_overlap(q_new, q_old):
+    """``Q_newᵀ Q_old`` in float32 (``r × r``), replicated when the projectors are sharded along
+    ``d`` (a small all-reduce instead of gathering them)."""
+    from jax.sharding import PartitionSpec as P
+    out = P() if explicit_spec(q_old) is not None else None
+    return jnp.matmul(q_new.astype(jnp.float32).T, q_old.astype(jnp.float32), out_sharding=out)
 
 
 # ----------------------------------------------------------------- plumbing
@@ -199,19 +212,29 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-                  eps_mode: str = "hf") -> optax.GradientTransformation:
+                  eps_mode: str = "hf", moments_8bit: bool = False) -> optax.GradientTransformation:
     """Adam scaling with a selectable epsilon placement (see :func:`adam_direction`).
 
     ``eps_mode='optax'`` reproduces ``optax.scale_by_adam`` exactly; the default
     ``'hf'`` is the Adam of the low-rank aliases' ``'adam'`` branch. Moments are
-    stored in the parameter dtype; the arithmetic is float32.
+    stored in the parameter dtype, or block-wise in 8 bits with ``moments_8bit=True``
+    (:mod:`optim.quantized`); the arithmetic is float32.
     """
+    from . import quantized as q8
     check_adam(b1, b2, eps)
     check_choice("eps_mode", eps_mode, EPS_MODES)
+    check_bool("moments_8bit", moments_8bit)
+    codes = (q8.FIRST, q8.SECOND)
+
+    def stored(x, like, which):
+        return q8.store(x, codes[which]) if moments_8bit else x.astype(like.dtype)
+
+    def read(s, like, which):
+        return q8.load(s, like.shape, codes[which]) if moments_8bit else s
 
     def init_fn(params):
-        z = jax.tree.map(jnp.zeros_like, params)
-        return ScaleByAdamState(jnp.zeros([], jnp.int32), z, jax.tree.map(jnp.zeros_like, params))
+        zeros = lambda which: jax.tree.map(lambda p: stored(jnp.zeros_like(p), p, which), params)
+        return ScaleByAdamState(jnp.zeros([], jnp.int32), zeros(0), zeros(1))
 
     def update_fn(updates, state, params=None):
         del params
@@ -219,9 +242,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
         tf = t.astype(jnp.float32)
 
         def one(g, mu, nu):
-            mu2, nu2 = adam_moments(g, mu, nu, b1, b2)
+            mu2, nu2 = adam_moments(g, read(mu, g, 0), read(nu, g, 1), b1, b2)
             d, c = adam_direction(mu2, nu2, tf, b1, b2, eps, eps_mode)
-            return (c * d).astype(g.dtype), mu2.astype(mu.dtype), nu2.astype(nu.dtype)
+            return (c * d).astype(g.dtype), stored(mu2, g, 0), stored(nu2, g, 1)
 
         outs = [one(g, mu, nu) for g, mu, nu in zip(
             jax.tree.leaves(updates), flatten_like(updates, state.mu),
@@ -235,7 +258,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
 
 def assemble(lowrank_tx: optax.GradientTransformation, *, learning_rate, b1, b2, eps,
              eps_mode, weight_decay, weight_decay_mask, projection_mask,
-             rank: int | None = None, dimension_numbers=None
+             rank: int | None = None, dimension_numbers=None, moments_8bit: bool = False
              ) -> optax.GradientTransformation:
     """``chain(partition({lowrank, adam}), add_decayed_weights, scale_by_learning_rate)``."""
     from . import masking
@@ -245,7 +268,7 @@ def assemble(lowrank_tx: optax.GradientTransformation, *, learning_rate, b1, b2,
     return optax.chain(
         optax.partition(
             {masking.LOWRANK: lowrank_tx,
-             masking.ADAM: scale_by_adam(b1, b2, eps, eps_mode)},
+             masking.ADAM: scale_by_adam(b1, b2, eps, eps_mode, moments_8bit)},
             masking.labels_fn(projection_mask, rank, dimension_numbers)),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),

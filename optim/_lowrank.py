@@ -12,6 +12,16 @@ Per matrix view ``G`` (``m × n``) of every leaf it receives:
 4. the method's ``combine`` hook maps ``(G, Q, R, d, c)`` to the full-size update.
 
 Each method wraps this with its own NamedTuple state class.
+
+``moments_8bit=True`` keeps the two moments block-wise in 8 bits (:mod:`optim.quantized`):
+read back to float32 at the start of a step, stored again at its end.
+
+Under FSDP (parameters sharded over an explicit mesh) nothing is gathered on an ordinary step:
+the moments and projector are sharded like the parameter (:func:`optim._core.lowrank_specs`),
+``R = QᵀG`` contracts over the sharded dimension as partial products summed by one all-reduce of
+the small ``R`` (or needs no communication when the sharded dimension is not contracted), and
+the update ``Q N`` comes out sharded like ``G``.  Only the SVD of a refresh gathers ``G``, inside
+its ``lax.cond`` branch, so the gather runs once every ``T`` steps.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import optax
 
 from . import _core
 from . import projection as proj_lib
+from . import quantized as q8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +70,17 @@ def make_lowrank(
     svd_method: str = "full",
     dimension_numbers=None,
     store_key: bool = False,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """Builds the transformation (see module docstring)."""
+    _core.check_bool("moments_8bit", moments_8bit)
+
+    def stored(x, dtype, code):
+        """A moment as kept in the state: 8-bit codes, or ``dtype`` (the parameter's)."""
+        return q8.store(x, code) if moments_8bit else x.astype(dtype)
+
+    def read(s, shape, code):
+        return q8.load(s, shape, code) if moments_8bit else s
 
     def contexts(tree):
         views = _core.resolve_views(tree, dimension_numbers)
@@ -83,8 +103,9 @@ def make_lowrank(
         for ctx, p in zip(ctxs, leaves):
             shp = lowrank_shape(ctx)
             mspec, qspec = _core.lowrank_specs(p, ctx.view, ctx.side)
-            mus.append(_core.reshard_to(jnp.zeros(shp, p.dtype), mspec))
-            nus.append(_core.reshard_to(jnp.zeros(shp, p.dtype), mspec))
+            zeros = _core.reshard_to(jnp.zeros(shp, p.dtype), mspec)
+            mus.append(stored(zeros, p.dtype, q8.FIRST))
+            nus.append(stored(zeros, p.dtype, q8.SECOND))
             d = proj_lib.projected_dim(ctx.view.m, ctx.view.n, ctx.side)
             qs.append(_core.reshard_to(jnp.zeros((d, ctx.rank), p.dtype), qspec))
             ex = extra_init(ctx, p)
@@ -131,22 +152,23 @@ def make_lowrank(
         outs, new_mu, new_nu, new_q = [], [], [], []
         new_extra = {k: [] for k in extra_keys}
         for j, (ctx, g) in enumerate(zip(ctxs, leaves)):
-            # explicitly sharded (FSDP) leaves: compute on all-gathered copies, then
-            # reshard results to the incoming specs (SVD needs unsharded matrices)
-            specs = jax.tree.map(_core.explicit_spec, (g, mus[j], nus[j], qs[j],
-                                                        {k: extras[k][j] for k in extra_keys}))
-            g = _core.replicate(g)
+            # explicitly sharded (FSDP) leaves stay sharded: projections contract over the
+            # sharded dimension with partial sums (an all-reduce of the low-rank result); only
+            # the SVD of a refresh gathers the gradient, inside its lax.cond branch
+            specs = jax.tree.map(_core.explicit_spec, (g, qs[j], {k: extras[k][j] for k in extra_keys}))
+            mspec = _core.lowrank_specs(g, ctx.view, ctx.side)[0]
             g2 = ctx.view.to_matrix(g)
-            mu, nu, q_old = _core.replicate(mus[j]), _core.replicate(nus[j]), qs[j]
-            q_old = None if q_old is None else _core.replicate(q_old)
-            ex = {k: _core.replicate(extras[k][j]) for k in extra_keys}
+            shp = lowrank_shape(ctx)
+            mu, nu, q_old = read(mus[j], shp, q8.FIRST), read(nus[j], shp, q8.SECOND), qs[j]
+            ex = {k: extras[k][j] for k in extra_keys}
             d_dim = proj_lib.projected_dim(ctx.view.m, ctx.view.n, ctx.side)
 
             def make_projector(q_prev=None, g2=g2, ctx=ctx, d_dim=d_dim):
                 if projector == "svd":
                     k = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ctx.index), refresh_idx)
-                    return proj_lib.svd_projector(g2, ctx.rank, ctx.side, method=svd_method, key=k,
-                                                  previous=q_prev)
+                    previous = None if q_prev is None else _core.replicate(q_prev)
+                    return proj_lib.svd_projector(_core.replicate(g2), ctx.rank, ctx.side, method=svd_method,
+                                                  key=k, previous=previous)
                 if projector == "random":
                     kd = key_data if key_data is not None else jax.random.key_data(jax.random.key(seed))
                     return proj_lib.random_projector(kd, ctx.index, refresh_idx, d_dim, ctx.rank, g2.dtype)
@@ -155,6 +177,8 @@ def make_lowrank(
 
             def on_refresh(q_prev, mu, nu, ex, ctx=ctx, make_projector=make_projector):
                 q_new = make_projector(q_prev)
+                if q_prev is not None:   # computed unsharded; stored like the previous one
+                    q_new = _core.reshard_to(q_new, _core.explicit_spec(q_prev))
                 if projector == "svd" and q_prev is not None:
                     q_new = proj_lib.keep_if_finite(q_new, q_prev)
                 if moment_policy == "reset":
@@ -165,7 +189,7 @@ def make_lowrank(
                     mu, nu = m2.astype(mu.dtype), n2.astype(nu.dtype)
                     if "history" in ex:
                         h = ex["history"]
-                        c = (q_new.astype(jnp.float32).T @ q_prev.astype(jnp.float32))
+                        c = _core.basis_overlap(q_new, q_prev)
                         h32 = h.astype(jnp.float32)
                         h2 = (jnp.einsum("ab,sbn->san", c, h32) if ctx.side == "left"
                               else jnp.einsum("smb,ab->sma", h32, c))
@@ -183,17 +207,18 @@ def make_lowrank(
                         refresh, lambda mu, nu, ex: on_refresh(None, mu, nu, ex)[1:],
                         lambda mu, nu, ex: (mu, nu, ex), mu, nu, ex)
 
-            r = proj_lib.project(g2.astype(jnp.float32), q.astype(jnp.float32), ctx.side)
+            r = proj_lib.project(g2.astype(jnp.float32), q.astype(jnp.float32), ctx.side,
+                                 out_sharding=mspec)
             r_adam = r
             if precondition is not None:
                 r_adam, ex = precondition(ctx, r, ex, count)
             mu2, nu2 = _core.adam_moments(r_adam, mu, nu, b1, b2)
             d, c = _core.adam_direction(mu2, nu2, tf, b1, b2, eps, eps_mode)
             u2, ex = combine(ctx, g2.astype(jnp.float32), q.astype(jnp.float32), r, d, c, ex, first)
-            sg, smu, snu, sq, sex = specs
+            sg, sq, sex = specs
             outs.append(_core.reshard_to(ctx.view.from_matrix(u2).astype(g.dtype), sg))
-            new_mu.append(_core.reshard_to(mu2.astype(mu.dtype), smu))
-            new_nu.append(_core.reshard_to(nu2.astype(nu.dtype), snu))
+            new_mu.append(stored(_core.reshard_to(mu2, mspec), mu.dtype, q8.FIRST))
+            new_nu.append(stored(_core.reshard_to(nu2, mspec), nu.dtype, q8.SECOND))
             new_q.append(q if q is None else _core.reshard_to(q, sq))
             for k in extra_keys:
                 new_extra[k].append(_core.reshard_to(ex[k].astype(extras[k][j].dtype), sex[k]))

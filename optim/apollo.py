@@ -76,6 +76,7 @@ def scale_by_apollo(
     cache_projector: bool = False,
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """APOLLO scaling of the raw gradient (see module docstring).
 
@@ -111,7 +112,7 @@ def scale_by_apollo(
         projector="svd" if proj == "svd" else "random", store_projector=store,
         b1=b1, b2=b2, eps=eps, eps_mode=eps_mode, moment_policy=moment_policy,
         combine=combine, extra_init=_lowrank.scalar_state, seed=seed,
-        dimension_numbers=dimension_numbers, store_key=True)
+        dimension_numbers=dimension_numbers, store_key=True, moments_8bit=moments_8bit)
 
 
 def apollo(
@@ -135,6 +136,7 @@ def apollo(
     cache_projector: bool = False,
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """APOLLO (channel-wise scaling, rank ≈ d/4) with Adam on the other leaves.
 
@@ -146,10 +148,11 @@ def apollo(
     return _core.assemble(
         scale_by_apollo(rank, update_proj_gap, scale, scale_type, proj, norm_growth_limit,
                         proj_side, b1, b2, eps, eps_mode, moment_policy, cache_projector,
-                        seed, dimension_numbers),
+                        seed, dimension_numbers, moments_8bit),
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers,
+        moments_8bit=moments_8bit)
 
 
 def apollo_mini(
@@ -173,6 +176,7 @@ def apollo_mini(
     cache_projector: bool = False,
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """APOLLO-Mini: rank 1, tensor-wise scaling, ``scale = 128`` (applied as √128).
 
@@ -182,7 +186,7 @@ def apollo_mini(
                   norm_growth_limit, b1, b2, eps, weight_decay, projection_mask,
                   proj_side=proj_side, weight_decay_mask=weight_decay_mask, eps_mode=eps_mode,
                   moment_policy=moment_policy, cache_projector=cache_projector, seed=seed,
-                  dimension_numbers=dimension_numbers)
+                  dimension_numbers=dimension_numbers, moments_8bit=moments_8bit)
 
 
 del math

@@ -61,6 +61,7 @@ def scale_by_fira(
     svd_method: str = "full",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """Fira scaling (see module docstring)."""
     check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
@@ -82,7 +83,7 @@ def scale_by_fira(
         update_proj_gap=update_proj_gap, proj_side=proj_side, projector="svd",
         store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         moment_policy=moment_policy, combine=combine, extra_init=_lowrank.scalar_state,
-        seed=seed, svd_method=svd_method, dimension_numbers=dimension_numbers)
+        seed=seed, svd_method=svd_method, dimension_numbers=dimension_numbers, moments_8bit=moments_8bit)
 
 
 def fira(
@@ -105,11 +106,13 @@ def fira(
     svd_method: str = "full",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """Fira with Adam on the non-projected leaves (60M recipe: r 128, α 0.25, lr 1e-2)."""
     return _core.assemble(
         scale_by_fira(rank, update_proj_gap, scale, norm_growth_limit, proj_side, b1, b2, eps,
-                      eps_mode, moment_policy, residual, svd_method, seed, dimension_numbers),
+                      eps_mode, moment_policy, residual, svd_method, seed, dimension_numbers, moments_8bit),
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers,
+        moments_8bit=moments_8bit)

@@ -62,6 +62,7 @@ def scale_by_frugal(
     moment_policy: str = "reset",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """FRUGAL scaling (see module docstring)."""
     if rank is not None:
@@ -98,7 +99,7 @@ def scale_by_frugal(
         proj_side=proj_side, projector="svd" if proj == "svd" else "semi_orthogonal",
         store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         moment_policy=moment_policy, combine=combine, seed=seed,
-        dimension_numbers=dimension_numbers)
+        dimension_numbers=dimension_numbers, moments_8bit=moments_8bit)
 
 
 def frugal(
@@ -122,12 +123,14 @@ def frugal(
     moment_policy: str = "reset",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """FRUGAL with Adam on the non-projected leaves (pre-training: ``inactive_lr_scale=1``)."""
     return _core.assemble(
         scale_by_frugal(rank, update_proj_gap, scale, density, state_free, inactive_lr_scale,
                         proj, proj_side, b1, b2, eps, eps_mode, moment_policy, seed,
-                        dimension_numbers),
+                        dimension_numbers, moments_8bit),
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers,
+        moments_8bit=moments_8bit)

@@ -78,6 +78,7 @@ def scale_by_galore(
     svd_method: str = "full",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """GaLore scaling for every leaf it receives (each must have ``ndim >= 2``).
 
@@ -85,7 +86,9 @@ def scale_by_galore(
     ``scale_by_learning_rate``. ``svd_method='randomized'`` uses a randomized
     SVD seeded from ``seed``, the leaf index and the refresh index;
     ``svd_method='subspace'`` refines the previous projector by two steps of
-    subspace iteration (the full SVD at the first refresh).
+    subspace iteration (the full SVD at the first refresh).  ``moments_8bit=True``
+    stores the moments block-wise in 8 bits (:mod:`optim.quantized`; the aliases
+    apply it to their Adam branch too); the other low-rank methods take it as well.
     """
     check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
     _core.check_float("scale", scale, lo=0.0)
@@ -99,7 +102,7 @@ def scale_by_galore(
         update_proj_gap=update_proj_gap, proj_side=proj_side, projector="svd",
         store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         moment_policy=moment_policy, combine=combine, seed=seed,
-        svd_method=svd_method, dimension_numbers=dimension_numbers)
+        svd_method=svd_method, dimension_numbers=dimension_numbers, moments_8bit=moments_8bit)
 
 
 def galore(
@@ -120,6 +123,7 @@ def galore(
     svd_method: str = "full",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """GaLore with Adam on the non-projected leaves.
 
@@ -134,7 +138,8 @@ def galore(
     """
     return _core.assemble(
         scale_by_galore(rank, update_proj_gap, scale, proj_side, b1, b2, eps, eps_mode,
-                        moment_policy, svd_method, seed, dimension_numbers),
+                        moment_policy, svd_method, seed, dimension_numbers, moments_8bit),
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers,
+        moments_8bit=moments_8bit)

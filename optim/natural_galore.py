@@ -48,11 +48,20 @@ class NaturalGaLoreState(NamedTuple):
 
 
 def woodbury_inverse_fisher(g: jax.Array, h: jax.Array, damping) -> jax.Array:
-    """``(λI + HᵀH)⁻¹ g`` for ``g`` (k,) and history ``h`` (s, k), float32."""
+    """``(λI + HᵀH)⁻¹ g`` for ``g`` of any shape and history ``h`` (s, *g.shape), float32.
+
+    ``H`` is ``h`` with each history entry flattened; the contractions are written over the
+    entries' own axes, so a history sharded like ``g`` (FSDP) needs only two small all-reduces
+    (the ``s × s`` Gram matrix and ``Hg``), never a gather of the history."""
+    from jax.sharding import PartitionSpec as P
     s = h.shape[0]
-    sm = jnp.eye(s, dtype=jnp.float32) + (h @ h.T) / damping
-    z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(sm, lower=True), h @ g)
-    return g / damping - (h.T @ z) / (damping * damping)
+    axes = tuple(range(1, h.ndim))
+    replicated = P() if _core.explicit_spec(h) is not None else None
+    gram = jnp.tensordot(h, h, axes=(axes, axes), out_sharding=replicated)
+    hg = jnp.tensordot(h, g, axes=(axes, tuple(range(g.ndim))), out_sharding=replicated)
+    sm = jnp.eye(s, dtype=jnp.float32) + gram / damping
+    z = jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(sm, lower=True), hg)
+    return g / damping - jnp.tensordot(z, h, axes=1) / (damping * damping)
 
 
 def scale_by_natural_galore(
@@ -69,6 +78,7 @@ def scale_by_natural_galore(
     moment_policy: str = "keep",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """Natural GaLore scaling (see module docstring)."""
     check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
@@ -83,9 +93,8 @@ def scale_by_natural_galore(
     def precondition(ctx, r, ex, count):
         h = ex["history"]
         h = jax.lax.dynamic_update_index_in_dim(h, r.astype(h.dtype), count % history_size, 0)
-        hf = h.reshape(history_size, -1).astype(jnp.float32)
-        gt = woodbury_inverse_fisher(r.reshape(-1).astype(jnp.float32), hf, damping)
-        return gt.reshape(r.shape), {"history": h}
+        gt = woodbury_inverse_fisher(r.astype(jnp.float32), h.astype(jnp.float32), damping)
+        return gt, {"history": h}
 
     def combine(ctx, g2, q, r, d, c, ex, first):
         return scale * c * proj_lib.project_back(d, q, ctx.side), ex
@@ -95,7 +104,7 @@ def scale_by_natural_galore(
         update_proj_gap=update_proj_gap, proj_side=proj_side, projector="svd",
         store_projector=True, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         moment_policy=moment_policy, combine=combine, extra_init=extra_init,
-        precondition=precondition, seed=seed, dimension_numbers=dimension_numbers)
+        precondition=precondition, seed=seed, dimension_numbers=dimension_numbers, moments_8bit=moments_8bit)
 
 
 def natural_galore(
@@ -117,11 +126,13 @@ def natural_galore(
     moment_policy: str = "keep",
     seed: int = 0,
     dimension_numbers=None,
+    moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
     """Natural GaLore with Adam on the non-projected leaves."""
     return _core.assemble(
         scale_by_natural_galore(rank, update_proj_gap, scale, history_size, damping, proj_side,
-                                b1, b2, eps, eps_mode, moment_policy, seed, dimension_numbers),
+                                b1, b2, eps, eps_mode, moment_policy, seed, dimension_numbers, moments_8bit),
         learning_rate=learning_rate, b1=b1, b2=b2, eps=eps, eps_mode=eps_mode,
         weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers)
+        projection_mask=projection_mask, rank=rank, dimension_numbers=dimension_numbers,
+        moments_8bit=moments_8bit)

@@ -128,14 +128,20 @@ def projected_dim(m: int, n: int, side: str) -> int:
     return m if side == "left" else n
 
 
-def project(g2: jax.Array, q: jax.Array, side: str) -> jax.Array:
-    """``Qᵀ G`` (left, ``r × n``) or ``G Q`` (right, ``m × r``)."""
-    return q.T @ g2 if side == "left" else g2 @ q
+def project(g2: jax.Array, q: jax.Array, side: str, out_sharding=None) -> jax.Array:
+    """``Qᵀ G`` (left, ``r × n``) or ``G Q`` (right, ``m × r``).
+
+    ``out_sharding`` (a PartitionSpec) places the result when ``G`` and ``Q`` are sharded
+    over an explicit mesh along the contracted dimension: each device multiplies its shard and
+    the partial products are summed, so ``G`` is never gathered."""
+    a, b = (q.T, g2) if side == "left" else (g2, q)
+    return jnp.matmul(a, b, out_sharding=out_sharding)
 
 
-def project_back(r2: jax.Array, q: jax.Array, side: str) -> jax.Array:
+def project_back(r2: jax.Array, q: jax.Array, side: str, out_sharding=None) -> jax.Array:
     """``Q N`` (left) or ``N Qᵀ`` (right)."""
-    return q @ r2 if side == "left" else r2 @ q.T
+    a, b = (q, r2) if side == "left" else (r2, q.T)
+    return jnp.matmul(a, b, out_sharding=out_sharding)
 
 
 def canonicalize_signs(u: jax.Array) -> jax.Array:

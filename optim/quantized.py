@@ -97,8 +97,24 @@ def _is_quantized(leaf) -> bool:
     return isinstance(leaf, Quantized)
 
 
-def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, block_size: int = 256,
-                       min_size: int = 4096) -> optax.GradientTransformation:
+BLOCK_SIZE = 256
+MIN_SIZE = 4096
+
+
+def store(x: jax.Array, code: tuple[bool, int, int], block_size: int = BLOCK_SIZE,
+          min_size: int = MIN_SIZE) -> Any:
+    """A moment as kept in the state: :class:`Quantized` when it has at least ``min_size``
+    values, else float32."""
+    return quantize(x, block_size, code) if x.size >= min_size else x.astype(jnp.float32)
+
+
+def load(s: Any, shape: tuple[int, ...], code: tuple[bool, int, int], block_size: int = BLOCK_SIZE) -> jax.Array:
+    """The float32 moment of ``shape`` that :func:`store` kept in ``s``."""
+    return dequantize(s, shape, block_size, code) if _is_quantized(s) else s
+
+
+def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, block_size: int = BLOCK_SIZE,
+                       min_size: int = MIN_SIZE) -> optax.GradientTransformation:
     """``optax.scale_by_adam`` (same epsilon placement, ``m_hat / (sqrt(v_hat) + eps)``) with
     both moments stored block-wise in 8 bits for leaves of at least ``min_size`` values (see
     the module docstring).  ``block_size`` values share one scale."""
@@ -108,10 +124,10 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
         raise ValueError(f"min_size must be an int >= 0, got {min_size!r}")
 
     def stored(x: jax.Array, code) -> Any:
-        return quantize(x, block_size, code) if x.size >= min_size else x.astype(jnp.float32)
+        return store(x, code, block_size, min_size)
 
     def read(s, like: jax.Array, code) -> jax.Array:
-        return dequantize(s, like.shape, block_size, code) if _is_quantized(s) else s
+        return load(s, like.shape, code, block_size)
 
     def init_fn(params):
         zeros = lambda p, code: stored(jnp.zeros(p.shape, jnp.float32), code)
@@ -141,8 +157,8 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
 
 
 def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 1e-4, mask: Any = None, *, block_size: int = 256,
-               min_size: int = 4096) -> optax.GradientTransformation:
+               weight_decay: float = 1e-4, mask: Any = None, *, block_size: int = BLOCK_SIZE,
+               min_size: int = MIN_SIZE) -> optax.GradientTransformation:
     """``optax.adamw`` (same defaults and decoupled weight decay) with 8-bit moments:
     ``chain(scale_by_adam_8bit, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``."""
     return optax.chain(scale_by_adam_8bit(b1, b2, eps, block_size, min_size),

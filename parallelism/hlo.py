@@ -41,6 +41,7 @@ class Collective(NamedTuple):
     traffic: float      # estimated bytes sent per device, times ``repeats``
     line: str
     repeats: int = 1    # executions: product of known trip counts of enclosing while loops
+    conditional: bool = False   # inside a branch of a ``conditional`` (``lax.cond``): runs only when taken
 
 
 _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
@@ -49,10 +50,15 @@ _CALLS = re.compile(r"(?:to_apply|calls|body|condition|true_computation|false_co
                     r"branch_computations)=\{?%?([\w.\-, %]+)\}?")
 
 
-def _repeats(hlo_text: str) -> dict[str, int]:
-    """Computation name -> how many times it runs per call of the entry computation (while loops
-    with a known trip count multiply; other calls inherit their caller's count)."""
+_BRANCHES = re.compile(r"(?:true_computation|false_computation|branch_computations)=\{?%?([\w.\-, %]+)\}?")
+
+
+def _call_graph(hlo_text: str) -> tuple[dict[str, int], set[str]]:
+    """(computation name -> how many times it runs per call of the entry computation, the
+    computations that run inside a branch of a ``conditional``).  While loops with a known trip
+    count multiply; other calls inherit their caller's count and conditionality."""
     parent: dict[str, tuple[str, int]] = {}
+    branch_roots: set[str] = set()
     current = None
     for line in hlo_text.splitlines():
         m = _COMP.match(line)
@@ -69,6 +75,8 @@ def _repeats(hlo_text: str) -> dict[str, int]:
                 name = name.strip()
                 if name and name not in parent:
                     parent[name] = (current, 1)
+        for c in _BRANCHES.findall(line):
+            branch_roots.update(n.strip() for n in c.replace("%", "").split(",") if n.strip())
 
     def count(name, depth=0):
         if name not in parent or depth > 50:
@@ -76,13 +84,27 @@ def _repeats(hlo_text: str) -> dict[str, int]:
         up, n = parent[name]
         return n * count(up, depth + 1)
 
-    return {name: count(name) for name in parent}
+    def in_branch(name, depth=0):
+        if name in branch_roots:
+            return True
+        if name not in parent or depth > 50:
+            return False
+        return in_branch(parent[name][0], depth + 1)
+
+    return {name: count(name) for name in parent}, {name for name in parent if in_branch(name)}
 
 
 def _group_size(line: str) -> int:
     m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", line)       # iota form [groups, size]
     if m:
         return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)   # mesh['a'=8,'b'=1] {'a'}
+    if m:
+        sizes = {name: int(n) for name, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+        size = 1
+        for name in re.findall(r"'([^']+)'", m.group(2)):
+            size *= sizes.get(name, 1)
+        return size
     m = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
     if m:
         return len(m.group(1).split(","))
@@ -107,7 +129,7 @@ def _traffic(kind: str, nbytes: int, n: int) -> float:
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective op in ``hlo_text`` (async ``-start``/``-done`` pairs counted once)."""
     out = []
-    reps = _repeats(hlo_text)
+    reps, branched = _call_graph(hlo_text)
     current = None
     for line in hlo_text.splitlines():
         c = _COMP.match(line)
@@ -132,7 +154,7 @@ def collectives(hlo_text: str) -> list[Collective]:
         n = _group_size(line)
         rep = reps.get(current, 1)
         out.append(Collective(kind, dtype, dims, nbytes, n, rep * _traffic(kind, nbytes, n),
-                              line.strip(), rep))
+                              line.strip(), rep, current in branched))
     return out
 
 

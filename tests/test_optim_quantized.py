@@ -49,11 +49,13 @@ def test_adamw_8bit_tracks_optax_adamw_and_keeps_small_leaves_exact():
     assert isinstance(s_ours[0].mu["w"], qz.Quantized) and s_ours[0].mu["b"].dtype == jnp.float32
 
 
-def test_a_short_language_model_run_tracks_the_float32_run():
+@pytest.mark.parametrize("name, lr, kw", [("adamw", 3e-3, {}), ("galore", 3e-2, {"rank": 16, "update_proj_gap": 50})])
+def test_a_short_language_model_run_tracks_the_float32_run(name, lr, kw):
     from experiments.bench.optim_step import lm_setup
 
+    eight = optim.adamw_8bit(lr) if name == "adamw" else optim.from_config(name, lr, moments_8bit=True, **kw)
     losses = {}
-    for name, tx in (("float32", optax.adamw(3e-3)), ("8bit", optim.adamw_8bit(3e-3))):
+    for name, tx in (("float32", optim.from_config(name, lr, **kw)), ("8bit", eight)):
         params, loss_fn, batches, _, _ = lm_setup(seq=32, batch=8, d_model=64, layers=2)
         state = tx.init(params)
 
@@ -89,3 +91,70 @@ def test_state_is_a_quarter_and_the_trainer_builds_it():
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         optim.adamw_8bit(1e-3, **kwargs)
+
+
+LOW_RANK = [("galore", {"rank": 8}), ("fira", {"rank": 8}), ("apollo", {"rank": 8}),
+            ("frugal", {"rank": 8}), ("natural_galore", {"rank": 8, "history_size": 3, "damping": 1.0})]
+
+
+def _low_rank_params(rng):
+    # leaves of at least 4096 values get 8-bit moments: the (128, 64) embedding's Adam moments and
+    # the (512, 8) rank-8 moments of the (512, 96) projected kernel
+    return {"attn": {"q_proj": {"kernel": jnp.asarray(rng.normal(size=(512, 96)), jnp.float32)}},
+            "embed": {"embedding": jnp.asarray(rng.normal(size=(128, 64)), jnp.float32)}}
+
+
+@pytest.mark.parametrize("name, kw", LOW_RANK)
+def test_low_rank_methods_with_8bit_moments_track_their_float32_steps(name, kw):
+    rng = np.random.default_rng(2)
+    params = _low_rank_params(rng)
+    ref, ours = (optim.from_config(name, 1e-2, update_proj_gap=4, moments_8bit=b, **kw) for b in (False, True))
+    s_ref, s_ours = ref.init(params), ours.init(params)
+    for i in range(10):           # crosses two refreshes
+        g = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params)
+        u_ref, s_ref = jax.jit(ref.update)(g, s_ref, params)
+        u_ours, s_ours = jax.jit(ours.update)(g, s_ours, params)
+        for path in (("attn", "q_proj", "kernel"), ("embed", "embedding")):
+            a, b = u_ours, u_ref
+            for k in path:
+                a, b = a[k], b[k]
+            rel = float(np.linalg.norm(a - b) / np.linalg.norm(b))
+            assert rel < 0.1, (i, path, rel)
+    inner = s_ours[0].inner_states
+    assert isinstance(inner["lowrank"].inner_state.mu["attn"]["q_proj"]["kernel"], qz.Quantized)
+    assert isinstance(inner["adam"].inner_state.nu["embed"]["embedding"], qz.Quantized)
+    ratio = optim.state_bytes(ours, params)["total"]["bytes"] / optim.state_bytes(ref, params)["total"]["bytes"]
+    assert ratio < 0.5 if name != "natural_galore" else ratio < 1.0      # the history stays float32
+
+
+def test_8bit_low_rank_state_stays_sharded_and_matches_one_device():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    assert jax.device_count() == 8, "tests/conftest.py provides 8 simulated devices"
+    rng = np.random.default_rng(3)
+    params = _low_rank_params(rng)
+    grads = [jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), params) for _ in range(3)]
+    tx = optim.galore(1e-2, rank=8, update_proj_gap=2, moments_8bit=True)
+    st, ref = tx.init(params), []
+    for g in grads:
+        u, st = jax.jit(tx.update)(g, st, params)
+        ref.append(u)
+    mesh = jax.make_mesh((8,), ("fsdp",), axis_types=(AxisType.Explicit,))
+    shard = lambda t: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P("fsdp", None))), t)
+    with jax.set_mesh(mesh):
+        sp = shard(params)
+        sst = jax.jit(tx.init)(sp)
+        types = jax.tree.map(jax.typeof, sst)
+        for g, r in zip(grads, ref):
+            u, sst = jax.jit(tx.update)(shard(g), sst, sp)
+            assert jax.tree.map(jax.typeof, sst) == types
+            for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(r)):
+                # partial sums round differently and can move a value across a code boundary
+                assert float(np.linalg.norm(a - b) / np.linalg.norm(b)) < 1e-3
+
+
+def test_moments_8bit_is_checked():
+    with pytest.raises(ValueError, match="moments_8bit=8"):
+        optim.galore(1e-2, moments_8bit=8)
+    with pytest.raises(ValueError, match="moments_8bit"):
+        optim.apollo(1e-2, moments_8bit="yes")
