@@ -38,13 +38,13 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
 
 
 def check_layer_layout(optim_cfg: ml_collections.ConfigDict, scan_layers: bool) -> None:
-    """The low-rank methods project every matrix leaf as one matrix, and LISA finds layers by
-    path; a scanned model stacks its layers' matrices into ``[repeats, in, out]`` leaves, which
-    neither can take."""
+    """The low-rank methods project every matrix leaf as one matrix, and LISA and OwLore find
+    layers by path; a scanned model stacks its layers' matrices into ``[repeats, in, out]``
+    leaves, which neither can take."""
     if not scan_layers or optim_cfg.name in ("adamw", "adamw_8bit"):
         return
-    if optim_cfg.name == "lisa_adamw":
-        raise ValueError("optim.name = 'lisa_adamw' samples layers by their paths (layers/<i>), but "
+    if optim_cfg.name in ("lisa_adamw", "owlore"):
+        raise ValueError(f"optim.name = {optim_cfg.name!r} samples layers by their paths (layers/<i>), but "
                          "model.scan_layers = True stacks every layer into one leaf; use model.scan_layers = False")
     raise ValueError(f"optim.name = {optim_cfg.name!r} projects each parameter leaf as one matrix, but "
                      "model.scan_layers = True stacks every layer's matrices into one [repeats, in, out] "

@@ -4,7 +4,8 @@ Public aliases ``(learning_rate, ...) -> optax.GradientTransformation``:
 :func:`galore`, :func:`apollo`, :func:`apollo_mini`, :func:`fira`,
 :func:`frugal`, :func:`natural_galore`, :func:`adamw_8bit` (AdamW with
 block-wise 8-bit moments, :mod:`optim.quantized`), :func:`lisa` (layer sampling around any
-optimizer; :func:`lisa_adamw`), and :data:`adamw`, which is
+optimizer; :func:`lisa_adamw`), :func:`owlore` (layer sampling weighted by
+:func:`outlier_ratios`, GaLore on the sampled layers), and :data:`adamw`, which is
 ``optax.adamw`` itself (re-exported so that ``from_config('adamw', ...)`` and
 ``--config.optim.name=adamw`` build exactly optax's AdamW). The low-rank
 aliases send the leaves they do not project to their own branch labelled
@@ -38,6 +39,7 @@ from .galore import GaLoreState, galore, scale_by_galore
 from .lisa import LisaState, lisa, lisa_adamw
 from .masking import default_projection_mask
 from .natural_galore import NaturalGaLoreState, natural_galore, scale_by_natural_galore
+from .owlore import outlier_ratios, owlore
 from .projection import MatrixDims
 from .quantized import ScaleByAdam8bitState, adamw_8bit, scale_by_adam_8bit
 
@@ -57,6 +59,7 @@ OPTIMIZERS = {
     "fira": fira,
     "frugal": frugal,
     "natural_galore": natural_galore,
+    "owlore": owlore,
 }
 
 
@@ -77,7 +80,7 @@ def from_config(name: str, learning_rate: optax.ScalarOrSchedule, **kwargs
 __all__ = [
     "ApolloState", "FiraState", "FrugalState", "GaLoreState", "MatrixDims",
     "NaturalGaLoreState", "OPTIMIZERS", "ScaleByAdam8bitState", "ScaleByAdamState", "adamw", "adamw_8bit",
-    "LisaState", "apollo", "lisa", "lisa_adamw",
+    "LisaState", "apollo", "lisa", "lisa_adamw", "outlier_ratios", "owlore",
     "apollo_mini", "default_projection_mask", "fira", "format_state_bytes",
     "from_config", "frugal", "galore", "masking", "natural_galore", "param_bytes",
     "projection", "scale_by_adam", "scale_by_apollo", "scale_by_fira",
