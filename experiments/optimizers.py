@@ -22,8 +22,10 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
     """The optimizer named by ``cfg.name``, from ``lolax.optim.OPTIMIZERS`` (``adamw`` is ``optax.adamw``).
 
     ``b1``, ``b2`` and ``weight_decay`` go to every constructor that takes them; the shared
-    ``rank``, ``update_proj_gap`` and ``scale`` go to the low-rank methods that take them, and only
-    when >= 0 (a negative value keeps the method's default).
+    ``rank``, ``update_proj_gap`` and ``scale`` go to the low-rank methods that take them, and
+    ``num_active``, ``interval`` and ``tau`` to the layer-sampling ones (LISA, OwLore), each only
+    when >= 0 (a negative value keeps the method's default); ``moments_8bit`` goes to every
+    method that takes it.  Keys missing from an older run's config keep the defaults.
     """
     if cfg.name not in optim.OPTIMIZERS:
         raise ValueError(f"optim.name = {cfg.name!r} is unknown; expected one of {sorted(optim.OPTIMIZERS)}")
@@ -31,9 +33,16 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
     accepted = inspect.signature(factory).parameters
     kwargs = {k: cfg[k] for k in ("b1", "b2", "weight_decay") if k in accepted}
     # APOLLO-Mini is rank 1 by definition: the shared rank only applies to the other methods.
-    for key in ("rank", "update_proj_gap", "scale"):
-        if key in accepted and cfg[key] >= 0 and not (key == "rank" and cfg.name == "apollo_mini"):
-            kwargs[key] = cfg[key]
+    for key in ("rank", "update_proj_gap", "scale", "num_active", "interval", "tau"):
+        value = cfg.get(key, -1)
+        if key in accepted and value >= 0 and not (key == "rank" and cfg.name == "apollo_mini"):
+            kwargs[key] = value
+    if "moments_8bit" in accepted and cfg.get("moments_8bit", False):
+        kwargs["moments_8bit"] = True
+    elif cfg.get("moments_8bit", False) and cfg.name != "adamw_8bit":
+        raise ValueError(f"optim.moments_8bit = True, but optim.name = {cfg.name!r} has no 8-bit moments; use "
+                         "adamw_8bit, or one of the low-rank methods (galore, fira, frugal, natural_galore, apollo, "
+                         "apollo_mini)")
     return factory(schedule, **kwargs)
 
 

@@ -1,5 +1,5 @@
 """OwLore: outlier-weighted layerwise sampling with low-rank (GaLore) training of the sampled
-layers (Li, Yin, Gao and Liu, 2024, arXiv:2405.18380), as an optax transformation.
+layers (Li, Yin, Gao and Liu, 2024), as an optax transformation.
 
 Like :func:`optim.lisa`, every ``interval`` steps OwLore picks ``num_active`` of the model's
 repeated layers to train until the next pick, while every parameter outside the layers
@@ -23,10 +23,9 @@ each draw proportional to ``p`` among the layers not drawn yet (as ``numpy.rando
 the authors' code do), so a layer's chance to be in a pick is not exactly ``num_active · p_l``.
 
 Defaults, and where they come from: ``num_active = 5``, ``interval = 50``, GaLore rank ``256``,
-``update_proj_gap = 100`` and ``scale = 1.0`` are the values of the authors' released scripts
-and fine-tuning code (github.com/pixeli99/OwLore); we could not read the paper's own text here.
-``tau = 13`` is our reading of that code, which loads the layer ratios of LLaMA-2 from a file
-named ``..._ratio_13.txt``; treat it as our choice.  ``weight_decay = 0.0`` (the Hugging Face
+``update_proj_gap = 100`` and ``scale = 1.0`` are the values of the authors' released
+fine-tuning scripts.  ``tau = 13`` is our reading of that code (it loads precomputed LLaMA-2
+layer ratios labelled 13); treat it as our choice.  ``weight_decay = 0.0`` (the Hugging Face
 trainer's default that code runs with) and ``eps = 1e-6`` (GaLore's) are ours too.  The slots'
 state starts afresh at every resample, as in :func:`optim.lisa` (the authors' PyTorch
 optimizer keeps a layer's state between its active periods, at the memory cost of a state for
@@ -77,9 +76,10 @@ def _names(path) -> tuple[str, ...]:
 
 def _check_tau_axis(tau, input_axis) -> None:
     _core.check_float("tau", tau, lo=0.0, lo_open=True)
-    if isinstance(input_axis, bool) or input_axis not in (0, 1):
-        raise ValueError(f"input_axis={input_axis!r}; expected 0 (kernels [in, out], as Flax and lolax store "
-                         "them) or 1 (weights [out, in], as PyTorch stores them)")
+    if not isinstance(input_axis, int) or isinstance(input_axis, bool) or input_axis not in (0, 1):
+        raise ValueError(f"input_axis={input_axis!r}; expected the Python int 0 (kernels [in, out], as Flax and "
+                         "lolax store them) or 1 (weights [out, in], as PyTorch stores them); under "
+                         "optax.inject_hyperparams pass it in static_args")
 
 
 def outlier_ratios(params: Any, tau: float = 13.0, activation_norms: Any = None,
@@ -159,18 +159,20 @@ def owlore(learning_rate: optax.ScalarOrSchedule, *, num_active: int = 5, interv
            update_proj_gap: int = 100, scale: float = 1.0, tau: float = 13.0, activation_norms: Any = None,
            input_axis: int = 0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
            weight_decay: float = 0.0, seed: int = 0, layer_of: LayerOf = default_layer_of,
-           **galore_kwargs) -> optax.GradientTransformation:
+           proj_side: str = "std", svd_method: str = "full", moment_policy: str = "keep", eps_mode: str = "hf",
+           moments_8bit: bool = False, projection_mask: Any = None,
+           weight_decay_mask: Any = None) -> optax.GradientTransformation:
     """OwLore (see the module docstring; ``--config.optim.name=owlore``).
 
-    ``lisa(galore(learning_rate, rank, update_proj_gap, scale, b1, b2, eps, weight_decay,
-    seed=seed, **galore_kwargs), num_active, interval, seed, layer_of, probabilities=<the
-    outlier ratios of the params given to init>, per_slot=True)``.  ``tau``,
-    ``activation_norms`` and ``input_axis`` go to :func:`outlier_ratios`; further keywords
-    (``proj_side``, ``svd_method``, ``moment_policy``, ``eps_mode``, ``projection_mask``,
-    ``weight_decay_mask``) go to :func:`optim.galore`.  The state is :class:`optim.LisaState`;
-    its ``probabilities`` are the normalised outlier ratios.  ``init`` raises ``ValueError``
-    when fewer than ``num_active`` layers have an outlier (a randomly initialised model has
-    none at the default ``tau``: OwLore is meant for fine-tuning pre-trained weights).
+    ``lisa(galore(learning_rate, rank, update_proj_gap, scale, b1, b2, eps, weight_decay, ...),
+    num_active, interval, seed, layer_of, probabilities=<the outlier ratios of the params given
+    to init>, per_slot=True)``.  ``tau``, ``activation_norms`` and ``input_axis`` go to
+    :func:`outlier_ratios`; ``proj_side``, ``svd_method``, ``moment_policy``, ``eps_mode``,
+    ``moments_8bit``, ``projection_mask`` and ``weight_decay_mask`` go to :func:`optim.galore`.
+    The state is :class:`optim.LisaState`; its ``probabilities`` are the normalised outlier ratios.
+    ``init`` raises ``ValueError`` when fewer than ``num_active`` layers have an outlier (a
+    randomly initialised model has none at the default ``tau``: OwLore is meant for fine-tuning
+    pre-trained weights).
     """
     _check_tau_axis(tau, input_axis)
     _core.check_int("num_active", num_active)
@@ -186,5 +188,7 @@ def owlore(learning_rate: optax.ScalarOrSchedule, *, num_active: int = 5, interv
         return ratios
 
     inner = galore(learning_rate, rank, update_proj_gap, scale, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                   seed=seed, **galore_kwargs)
+                   projection_mask=projection_mask, weight_decay_mask=weight_decay_mask, proj_side=proj_side,
+                   eps_mode=eps_mode, moment_policy=moment_policy, svd_method=svd_method, seed=seed,
+                   moments_8bit=moments_8bit)
     return lisa(inner, num_active, interval, seed, layer_of, probabilities=weights, per_slot=True)

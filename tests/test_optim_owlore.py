@@ -249,6 +249,11 @@ def test_owlore_by_name_and_the_training_script():
     assert state.active[0].shape == (5,)                                # the paper's five layers
     assert state.slots[0][0].inner_states["lowrank"].inner_state.projector["slots"][0]["attn"]["q_proj"][
         "kernel"].shape == (5, 8, 4)                                    # the config's rank
+    cfg.update({"num_active": 2, "interval": 7, "tau": 6.0})               # the sampling keys reach owlore
+    state = _optimizer(cfg, optax.constant_schedule(1e-3)).init(params)
+    assert state.active[0].shape == (2,)
+    np.testing.assert_allclose(state.probabilities[0], optim.outlier_ratios(params, tau=6.0)
+                               / optim.outlier_ratios(params, tau=6.0).sum(), rtol=1e-6)
     check_layer_layout(ml_collections.ConfigDict({"name": "owlore"}), scan_layers=False)
     with pytest.raises(ValueError, match="'owlore' samples layers by their paths"):
         check_layer_layout(ml_collections.ConfigDict({"name": "owlore"}), scan_layers=True)

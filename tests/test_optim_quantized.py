@@ -158,3 +158,15 @@ def test_moments_8bit_is_checked():
         optim.galore(1e-2, moments_8bit=8)
     with pytest.raises(ValueError, match="moments_8bit"):
         optim.apollo(1e-2, moments_8bit="yes")
+
+
+def test_the_training_config_turns_on_8bit_moments_and_refuses_methods_without_them():
+    cfg = ml_collections.ConfigDict({"name": "galore", "learning_rate": 1e-3, "warmup_steps": 2, "min_lr_ratio": 0.1,
+                                     "weight_decay": 0.0, "b1": 0.9, "b2": 0.95, "grad_clip": 0.0, "rank": 8,
+                                     "update_proj_gap": 5, "scale": -1.0, "moments_8bit": True})
+    params = _low_rank_params(np.random.default_rng(0))
+    lowrank = make_optimizer(cfg, 10).init(params)[0].inner_states["lowrank"].inner_state
+    assert isinstance(lowrank.mu["attn"]["q_proj"]["kernel"], qz.Quantized)
+    cfg.name = "adamw"
+    with pytest.raises(ValueError, match="optim.moments_8bit"):
+        make_optimizer(cfg, 10)

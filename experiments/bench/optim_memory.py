@@ -34,7 +34,9 @@ FORMULAS = {
     "AdamW": "2mn",
     "AdamW 8-bit": "2mn (1 byte each, plus a float32 scale per 256)",
     "LISA (2 layers) + AdamW": "2mn for 2 sampled layers, 0 for the others",
+    "OwLore (2 layers)": "GaLore's mr + 2nr for 2 sampled layers, 0 for the others",
     "GaLore (std)": "mr (projector) + 2nr",
+    "GaLore 8-bit": "mr (projector) + 2nr (1 byte each, plus a float32 scale per 256)",
     "APOLLO": "2nr + 2 (key, limiter norm)",
     "APOLLO-Mini": "2n + 2",
     "Fira": "GaLore + 1",
@@ -62,7 +64,9 @@ def optimizers(cfg):
         "AdamW": optim.adamw(1e-2),
         "AdamW 8-bit": optim.adamw_8bit(1e-2),
         "LISA (2 layers) + AdamW": optim.lisa_adamw(1e-2, num_active=LISA_ACTIVE),
+        "OwLore (2 layers)": optim.owlore(1e-2, num_active=LISA_ACTIVE, rank=gr),
         "GaLore (std)": optim.galore(1e-2, rank=gr),
+        "GaLore 8-bit": optim.galore(1e-2, rank=gr, moments_8bit=True),
         "APOLLO": optim.apollo(1e-2, rank=ar),
         "APOLLO-Mini": optim.apollo_mini(1e-2),
         "Fira": optim.fira(1e-2, rank=gr),
@@ -92,7 +96,8 @@ def table(dtype=jnp.float32):
             low = sum(v["values"] for k, v in b.items() if k.startswith("lowrank/"))
             adam = sum(v["values"] for k, v in b.items() if k.startswith("adam/") or k in ("mu", "nu"))
             rows.append(dict(size=size, params_M=n_params / 1e6, linears_M=n_lin / 1e6, optimizer=name,
-                             rank=(cfg["galore_rank"] if name in ("GaLore (std)", "Fira") else
+                             rank=(cfg["galore_rank"] if name in ("GaLore (std)", "GaLore 8-bit", "Fira",
+                                                                  "OwLore (2 layers)") else
                                    cfg["apollo_rank"] if name == "APOLLO" else
                                    1 if name == "APOLLO-Mini" else "-"),
                              linears_state_M=linears_state(name, low, n_lin, cfg) / 1e6,

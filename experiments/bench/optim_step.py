@@ -99,10 +99,13 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
         "adamw": optim.adamw(1e-2),
         "adamw_8bit": optim.adamw_8bit(1e-2),
         "lisa_adamw (1 layer)": optim.lisa_adamw(1e-2, num_active=1),
+        # random weights have no outliers at OwLore's tau = 13; a resample (every T here) is a refresh
+        "owlore (1 layer)": optim.owlore(1e-2, num_active=1, interval=gap, rank=128, update_proj_gap=gap, tau=3.0),
         "adam_hf": optax.chain(optim.scale_by_adam(), optax.add_decayed_weights(1e-4),
                                optax.scale_by_learning_rate(1e-2)),
         "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),
         "galore (subspace)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="subspace"),
+        "galore (8-bit moments)": optim.galore(1e-2, rank=128, update_proj_gap=gap, moments_8bit=True),
         "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
         "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
         "apollo (cached projector)": optim.apollo(1e-2, rank=128, update_proj_gap=gap, cache_projector=True),
@@ -216,12 +219,9 @@ def _fallback_lm(seq, seed, vocab=32, d=32):
     return params, loss_fn, stream, stream[-5000:], "synthetic order-2 Markov stream, inline LM"
 
 
-def lm_compare(steps, lrs, gap, rank, seq=64, batch=16, d_model=64, layers=2):
-    params, loss_fn, batches, val, source = lm_setup(seq, batch, d_model, layers)
-    print("LM:", source, flush=True)
-    data = batches(steps)
-    val_data = batches(8, val)
-    methods = {
+def lm_methods(rank, gap):
+    """name -> (constructor, keywords, static keywords for ``optax.inject_hyperparams``)."""
+    return {
         "adamw": (optim.adamw, dict(weight_decay=0.0), ()),   # no weight decay, like the others
         "galore": (optim.galore, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
         "apollo": (optim.apollo, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
@@ -230,38 +230,62 @@ def lm_compare(steps, lrs, gap, rank, seq=64, batch=16, d_model=64, layers=2):
         "galore (subspace)": (optim.galore, dict(rank=rank, update_proj_gap=gap, svd_method="subspace"),
                               ("rank", "update_proj_gap", "svd_method")),
         "adamw_8bit": (optim.adamw_8bit, dict(weight_decay=0.0), ("block_size", "min_size")),
+        "galore (8-bit moments)": (optim.galore, dict(rank=rank, update_proj_gap=gap, moments_8bit=True),
+                                   ("rank", "update_proj_gap")),
         "lisa_adamw (1 of 2 layers)": (optim.lisa_adamw, dict(weight_decay=0.0, num_active=1, interval=gap),
                                        ("num_active", "interval", "seed")),
+        # a model trained from scratch has no outliers at OwLore's tau = 13 (a fine-tuning default)
+        "owlore (1 of 2 layers, tau 3)": (
+            optim.owlore, dict(num_active=1, interval=gap, rank=rank, update_proj_gap=gap, tau=3.0),
+            ("num_active", "interval", "rank", "update_proj_gap", "seed", "tau", "layer_of", "input_axis")),
     }
-    out = {"source": source, "steps": steps, "seq": seq, "batch": batch, "rank": rank, "gap": gap}
-    for name, (fn, kw, static) in methods.items():
-        tx = optax.inject_hyperparams(fn, static_args=static)(learning_rate=lrs[0], **kw)
-        # schedule-free constant lr (injected, so one compilation per method)
 
-        def run(p, s, d):
-            def body(c, toks):
-                p, s = c
-                l, g = jax.value_and_grad(loss_fn)(p, toks)
-                u, s = tx.update(g, s, p)
-                return (optax.apply_updates(p, u), s), l
-            (p, s), losses = jax.lax.scan(body, (p, s), d)
-            return losses, jnp.mean(jax.vmap(lambda t: loss_fn(p, t[None]))(val_data.reshape(-1, seq + 1)))
 
-        run = jax.jit(run)
+def lm_compare(steps, lrs, gap, rank, seeds=(0,), seq=64, batch=16, d_model=64, layers=2):
+    """Validation loss per optimizer and learning rate, mean and spread over ``seeds`` (each seed
+    draws the model's initialisation and the batch order)."""
+    methods = lm_methods(rank, gap)
+    runs = {name: {str(lr): [] for lr in lrs} for name in methods}
+    for seed in seeds:
+        params, loss_fn, batches, val, source = lm_setup(seq, batch, d_model, layers, seed=seed)
+        print(f"LM (seed {seed}):", source, flush=True)
+        data = batches(steps)
+        val_data = batches(8, val).reshape(-1, seq + 1)
+        for name, (fn, kw, static) in methods.items():
+            # constant lr, injected, so one compilation per method and seed
+            tx = optax.inject_hyperparams(fn, static_args=static)(learning_rate=lrs[0], **kw)
+
+            def run(p, s, d, v, tx=tx, loss_fn=loss_fn):
+                def body(c, toks):
+                    p, s = c
+                    loss, g = jax.value_and_grad(loss_fn)(p, toks)
+                    u, s = tx.update(g, s, p)
+                    return (optax.apply_updates(p, u), s), loss
+                (p, s), losses = jax.lax.scan(body, (p, s), d)
+                return losses, jnp.mean(jax.vmap(lambda t: loss_fn(p, t[None]))(v))
+
+            run = jax.jit(run)
+            for lr in lrs:
+                s0 = tx.init(params)
+                s0 = s0._replace(hyperparams={**s0.hyperparams, "learning_rate": jnp.asarray(lr, jnp.float32)})
+                t0 = time.perf_counter()
+                losses, vloss = run(params, s0, data, val_data)
+                losses = np.asarray(losses)
+                runs[name][str(lr)].append({"val": float(vloss), "train": float(losses[-20:].mean()),
+                                            "curve": losses[:: max(1, steps // 100)],
+                                            "wall_s": time.perf_counter() - t0})
+                print(f"{name:>12} seed {seed} lr {lr:g}: train loss (last 20) {runs[name][str(lr)][-1]['train']:.4f}"
+                      f"  val {float(vloss):.4f}", flush=True)
+    out = {"source": source, "steps": steps, "seq": seq, "batch": batch, "rank": rank, "gap": gap,
+           "seeds": list(seeds)}
+    for name, by_lr in runs.items():
         out[name] = {}
-        for lr in lrs:
-            s0 = tx.init(params)
-            s0 = s0._replace(hyperparams={**s0.hyperparams,
-                                          "learning_rate": jnp.asarray(lr, jnp.float32)})
-            t0 = time.perf_counter()
-            losses, vloss = run(params, s0, data)
-            losses = np.asarray(losses)
-            final = float(losses[-20:].mean())
-            out[name][str(lr)] = {"final_train_loss": final, "val_loss": float(vloss),
-                                  "curve": losses[:: max(1, steps // 100)].tolist(),
-                                  "wall_s": time.perf_counter() - t0}
-            print(f"{name:>12} lr {lr:g}: train loss (last 20) {final:.4f}  val {float(vloss):.4f}",
-                  flush=True)
+        for lr, rs in by_lr.items():
+            vals = [r["val"] for r in rs]
+            out[name][lr] = {"val_loss": float(np.mean(vals)), "val_loss_std": float(np.std(vals)),
+                             "val_loss_seeds": vals, "final_train_loss": float(np.mean([r["train"] for r in rs])),
+                             "curve": np.mean([r["curve"] for r in rs], axis=0).tolist(),
+                             "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
     return out
 
 
@@ -308,16 +332,21 @@ def markdown(res) -> str:
         lm = res["lm"]
         names = [k for k, v in lm.items() if isinstance(v, dict) and k != "args"]
         lrs = list(lm[names[0]].keys())
+        seeds = lm.get("seeds", [0])
         out += ["", f"Short LM run: {lm['source']}; {lm['steps']} steps, batch {lm['batch']} x "
                 f"{lm['seq']} tokens, constant lr, rank {lm['rank']} (APOLLO-Mini 1), T = {lm['gap']}. "
-                "Validation loss (nats/byte) on 8 held-out batches; best per row in bold.", "",
+                f"Validation loss (nats/byte) on 8 held-out batches, mean ± standard deviation over "
+                f"{len(seeds)} seed(s) (initialisation and batch order); best mean per row in bold.", "",
                 "| optimizer | " + " | ".join(f"lr {lr}" for lr in lrs) + " |",
                 "|---|" + "---|" * len(lrs)]
         for n in names:
-            vals = [lm[n][lr]["val_loss"] for lr in lrs]
-            best = min(vals)
-            out.append(f"| {n} | " + " | ".join(
-                (f"**{v:.3f}**" if v == best else f"{v:.3f}") for v in vals) + " |")
+            cells = [lm[n][lr] for lr in lrs]
+            best = min(c["val_loss"] for c in cells)
+
+            def cell(c, best=best):
+                text = f"{c['val_loss']:.3f}" + (f" ± {c['val_loss_std']:.3f}" if len(seeds) > 1 else "")
+                return f"**{text}**" if c["val_loss"] == best else text
+            out.append(f"| {n} | " + " | ".join(cell(c) for c in cells) + " |")
     return "\n".join(out)
 
 
@@ -331,6 +360,7 @@ def main():
     ap.add_argument("--lm-gap", type=int, default=50)
     ap.add_argument("--lm-rank", type=int, default=16)
     ap.add_argument("--lrs", default="0.003,0.01,0.03")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the LM comparison")
     ap.add_argument("--out", default="docs/results/optim_step.json")
     ap.add_argument("--plot", default="docs/results/optim_lm.png")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
@@ -343,7 +373,7 @@ def main():
         res["step"] = step_times(args.layers, args.reps, refresh_reps=args.refresh_reps)
     if args.part in ("lm", "all"):
         res["lm"] = lm_compare(args.lm_steps, [float(x) for x in args.lrs.split(",")], args.lm_gap,
-                               args.lm_rank)
+                               args.lm_rank, seeds=[int(x) for x in args.seeds.split(",")])
         plot(res["lm"], args.plot)
     if args.merge:
         with open(args.merge) as f:
