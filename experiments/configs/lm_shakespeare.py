@@ -81,6 +81,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.rank = 32                # low-rank optimizers; < 0 keeps the method default (apollo_mini: 1)
     c.optim.update_proj_gap = 200    # low-rank optimizers; < 0 keeps the method default
     c.optim.scale = -1.0             # low-rank optimizers; < 0 keeps the method default
+    c.optim.moments_8bit = False     # low-rank optimizers: both moments block-wise in 8 bits
+    c.optim.num_active = -1          # lisa_adamw / owlore: layers trained at once; < 0 keeps the default
+    c.optim.interval = -1            # lisa_adamw / owlore: steps between layer samples; < 0 keeps the default
+    c.optim.tau = -1.0               # owlore: outlier threshold (x mean |W|); < 0 keeps the default
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
