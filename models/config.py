@@ -33,6 +33,7 @@ frequencies only and blends the middle band, with ``rope_low_freq_factor``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -191,13 +192,22 @@ class ModelConfig:
         if "gla" in kinds and (not self.gla_expand_k > 0 or (self.gla_expand_k * self.head_size) % 1):
             raise ValueError(f"model.gla_expand_k = {self.gla_expand_k} times the head size "
                              f"{self.head_size} must be a positive integer")
-        if self.gla_expand_k <= 0:
+        if not self.gla_expand_k > 0:
             raise ValueError(f"model.gla_expand_k must be > 0, got {self.gla_expand_k!r}")
         if self.mom_topk > self.mom_num_memories:
             raise ValueError(f"model.mom_topk = {self.mom_topk} must be <= model.mom_num_memories = "
                              f"{self.mom_num_memories}")
-        if self.gla_gate_normalizer <= 0:
+        if not self.gla_gate_normalizer > 0:
             raise ValueError(f"model.gla_gate_normalizer must be > 0, got {self.gla_gate_normalizer!r}")
+        for name, what in (("norm_eps", "the RMSNorm epsilon"), ("rope_theta", "the rotary base")):
+            value = getattr(self, name)
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not value > 0):
+                raise ValueError(f"model.{name} ({what}) must be a finite number > 0, got {value!r}")
+        if (isinstance(self.aux_loss_weight, bool) or not isinstance(self.aux_loss_weight, (int, float))
+                or not math.isfinite(self.aux_loss_weight) or self.aux_loss_weight < 0):
+            raise ValueError(f"model.aux_loss_weight must be a finite number >= 0 (0 turns MoM's load-balancing "
+                             f"loss off), got {self.aux_loss_weight!r}")
         if isinstance(self.sltrain_rank, bool) or not isinstance(self.sltrain_rank, int) or self.sltrain_rank < 0:
             raise ValueError(f"model.sltrain_rank must be an int >= 0 (0 keeps dense projections), "
                              f"got {self.sltrain_rank!r}")

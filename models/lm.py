@@ -4,12 +4,51 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import checkify
 
+from ..ops.common.checks import is_concrete
 from .config import ModelConfig
 from .layers import RMSNorm, SwiGLU, dense, dtypes, logical, sltrain
 from .mixers import MIXERS
 from .mixers.base import default_positions
+
+
+def check_token_ids(name: str, tokens: jax.Array | np.ndarray, vocab_size: int,
+                    valid: jax.Array | np.ndarray | None = None) -> None:
+    """Every id of ``tokens`` (where ``valid`` is True, when given) must lie in ``[0, vocab_size)``.
+
+    Out of range, the embedding lookup would return NaN rows (ids >= vocab_size) or silently wrap
+    around (negative ids).  Concrete ids are checked here and raise a ``ValueError`` naming ``name``;
+    traced ids (under ``jit``, ``vmap``, ``scan``, ``grad``) get a ``checkify.debug_check``, which
+    compiles to nothing unless the caller wraps the traced function with
+    ``jax.experimental.checkify.checkify`` (docs/models.md, "Checking token ids").
+
+    >>> check_token_ids("tokens", np.array([[0, 5, 9]]), 10)
+    >>> check_token_ids("tokens", np.array([[0, 10, -1]]), 10)
+    Traceback (most recent call last):
+    ValueError: tokens must be token ids in [0, vocab_size) = [0, 10), got min -1 and max 10
+    """
+    dtype = tokens.dtype if hasattr(tokens, "dtype") else np.asarray(tokens).dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be an integer array of token ids, got dtype {dtype}")
+    expected = f"token ids in [0, vocab_size) = [0, {vocab_size})"
+    if is_concrete(tokens) and (valid is None or is_concrete(valid)):
+        ids = np.asarray(tokens)
+        if valid is not None:
+            ids = ids[np.broadcast_to(np.asarray(valid, bool), ids.shape)]
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{name} must be {expected}, got min {ids.min()} and max {ids.max()}")
+        return
+    ids = jnp.asarray(tokens)
+    if ids.size == 0:
+        return
+    info = jnp.iinfo(ids.dtype)
+    lo = ids.min() if valid is None else jnp.where(valid, ids, info.max).min()
+    hi = ids.max() if valid is None else jnp.where(valid, ids, info.min).max()
+    checkify.debug_check((lo >= 0) & (hi < vocab_size), f"{name} must be {expected}, got min {{lo}} and max {{hi}}",
+                         lo=lo, hi=hi)
 
 
 class Block(nnx.Module):
@@ -186,7 +225,11 @@ class LanguageModel(nnx.Module):
         sequences into one row (B == 1).  Positions default to 0.. per sequence (counting only
         real tokens).  With ``return_aux=True`` returns ``(logits, aux_loss)``: the weighted sum
         of the layers' auxiliary losses (MoM load balancing; 0 otherwise), to add to the loss.
+
+        Every id must lie in ``[0, vocab_size)``: concrete ``tokens`` outside raise a ``ValueError``;
+        traced ones are checked only under ``checkify.checkify`` (see :func:`check_token_ids`).
         """
+        check_token_ids("tokens", tokens, self.config.vocab_size)
         x, aux = self._run_layers(self.embed(tokens), positions, mask, cu_seqlens)
         logits = self._logits(x)
         return (logits, aux) if return_aux else logits
@@ -198,6 +241,7 @@ class LanguageModel(nnx.Module):
     def prefill(self, tokens: jax.Array, *, mask=None, max_len: int):
         """Runs the prompt ``tokens [B, P]`` (left-padded; ``mask`` marks real tokens) with the
         chunk ops and returns ``(logits [B, P, V], caches)`` for decoding up to ``max_len`` slots."""
+        check_token_ids("tokens", tokens, self.config.vocab_size)
         b, p = tokens.shape
         valid = None if mask is None else jnp.asarray(mask, bool)
         positions = default_positions(b, p, valid)
@@ -211,6 +255,7 @@ class LanguageModel(nnx.Module):
     def decode_step(self, token: jax.Array, caches, *, positions: jax.Array, index):
         """One token per row ``token [B]`` at ``positions [B]`` (slot ``index`` of the shared
         timeline) -> ``(logits [B, V], caches)``."""
+        check_token_ids("token", token, self.config.vocab_size)
         x = self.embed(token[:, None])
         pos = positions[:, None]
         new = []
