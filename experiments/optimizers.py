@@ -8,6 +8,7 @@ import ml_collections
 import optax
 
 from lolax import optim
+from lolax.optim.lisa import compact_weight_decay_mask
 
 
 def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
@@ -26,6 +27,10 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
     ``num_active``, ``interval`` and ``tau`` to the layer-sampling ones (LISA, OwLore), each only
     when >= 0 (a negative value keeps the method's default); ``moments_8bit`` goes to every
     method that takes it.  Keys missing from an older run's config keep the defaults.
+
+    Weight decay follows one rule for every optimizer, :func:`optim.default_weight_decay_mask`:
+    weight matrices decay, norms, biases and the mixers' decay/gate parameters (``A_log``,
+    ``dt_bias``, ...) do not, and the embeddings do unless ``optim.decay_embeddings = False``.
     """
     if cfg.name not in optim.OPTIMIZERS:
         raise ValueError(f"optim.name = {cfg.name!r} is unknown; expected one of {sorted(optim.OPTIMIZERS)}")
@@ -43,6 +48,11 @@ def _optimizer(cfg: ml_collections.ConfigDict, schedule: optax.Schedule) -> opta
         raise ValueError(f"optim.moments_8bit = True, but optim.name = {cfg.name!r} has no 8-bit moments; use "
                          "adamw_8bit, or one of the low-rank methods (galore, fira, frugal, natural_galore, apollo, "
                          "apollo_mini)")
+    embeddings = cfg.get("decay_embeddings", True)
+    mask_key = next((k for k in ("mask", "weight_decay_mask") if k in accepted), None)
+    if mask_key is not None:
+        kwargs[mask_key] = (compact_weight_decay_mask(embeddings) if cfg.name == "lisa_adamw"
+                            else optim.default_weight_decay_mask(embeddings=embeddings))
     return factory(schedule, **kwargs)
 
 

@@ -93,7 +93,8 @@ class _Group(NamedTuple):
 
 class _Layout(NamedTuple):
     treedef: Any
-    outer_ids: tuple[int, ...]               # flat leaf indices outside the layers
+    outer_ids: tuple[int, ...]               # flat leaf indices outside the layers (outer_treedef order)
+    outer_treedef: Any                       # those leaves as nested dicts keyed by path component
     groups: tuple[_Group, ...]               # layers of one structure each (one group for uniform models)
 
 
@@ -114,11 +115,12 @@ def _nested_treedef(paths: list[tuple]) -> tuple[Any, list[int]]:
 
 def _layout(tree, layer_of: LayerOf) -> _Layout:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    outer, by_layer = [], {}
+    outer, outer_paths, by_layer = [], [], {}
     for i, (path, leaf) in enumerate(flat):
         where = layer_of(path)
         if where is None:
             outer.append(i)
+            outer_paths.append(tuple(_core_name(k) for k in path))
         else:
             by_layer.setdefault(where[0], {})[tuple(where[1])] = (i, tuple(getattr(leaf, "shape", ())))
     if not by_layer:
@@ -134,7 +136,8 @@ def _layout(tree, layer_of: LayerOf) -> _Layout:
         group_def, order = _nested_treedef(paths)
         ids = tuple(tuple(by_layer[j][paths[k]][0] for j in layers) for k in order)
         groups.append(_Group(tuple(layers), ids, group_def))
-    return _Layout(treedef, tuple(outer), tuple(groups))
+    outer_def, order = _nested_treedef(outer_paths) if outer_paths else (jax.tree_util.tree_structure({}), [])
+    return _Layout(treedef, tuple(outer[k] for k in order), outer_def, tuple(groups))
 
 
 def _pick(arrays: list[jax.Array], index: jax.Array) -> jax.Array:
@@ -146,7 +149,7 @@ def _split(tree, layout: _Layout, active) -> tuple[list, list]:
     """``tree`` -> (leaves outside the layers, per group one layer's tree of the active layers'
     leaves stacked ``[slots, ...]``)."""
     leaves = layout.treedef.flatten_up_to(tree)
-    outer = [leaves[i] for i in layout.outer_ids]
+    outer = layout.outer_treedef.unflatten([leaves[i] for i in layout.outer_ids])
     slots = [group.treedef.unflatten([jnp.stack([_pick([leaves[i] for i in ids], k) for k in idx])
                                       for ids in group.leaf_ids])
              for group, idx in zip(layout.groups, active)]
@@ -201,7 +204,7 @@ def _update_per_slot(inner: optax.GradientTransformation, grads, state, params):
     refresh) stays a branch instead of running both sides on every step.  An inner optimizer
     whose integer scalars depend on a slot's values is run fully batched instead.
     """
-    wrap = lambda tree: None if tree is None else {"outer": [], "slots": [tree]}
+    wrap = lambda tree: None if tree is None else {"outer": {}, "slots": [tree]}
     one = lambda g, s, p: inner.update(wrap(g), s, wrap(p))
     slots = jax.tree.leaves(grads)[0].shape[0]
     counter = jax.tree.map(lambda x: x.ndim == 1 and jnp.issubdtype(x.dtype, jnp.integer), state)
@@ -226,11 +229,11 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
 
     A model whose layers differ in structure (a hybrid of mixer kinds) has one group per
     structure, and ``num_active`` layers are sampled in each group (all of a smaller group).
-    ``inner`` sees a compact tree, ``{"outer": [leaves outside the layers], "slots": [per group,
-    one layer's parameter tree (its path components as nested dict keys) with every leaf
-    [slots, ...]]}``, so any optax transformation works, weight decay included (it gets the
-    matching parameters), and path-based masks see the names inside a layer
-    (``attn/q_proj/kernel``); the outer leaves are a plain list.
+    ``inner`` sees a compact tree, ``{"outer": the parameters outside the layers, "slots": [per
+    group, one layer's parameter tree with every leaf [slots, ...]]}`` (both as nested dicts
+    keyed by the original path components), so any optax transformation works, weight decay
+    included (it gets the matching parameters), and path-based masks see the names
+    (``embed/embedding``, and ``attn/q_proj/kernel`` inside a layer).
 
     ``probabilities``: None (uniform sampling) or a function ``params -> weights``, called once
     at ``init``; the weights are a 1-D array with an entry per layer index (entry ``l`` for the
@@ -243,7 +246,7 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
     group (checked when ``init`` runs outside ``jax.jit``; a ``ValueError`` otherwise).
 
     ``per_slot``: if True, the inner optimizer runs on each slot separately (``jax.vmap`` over
-    the slot axis, one call per group, on ``{"outer": [], "slots": [that group's layer tree]}``),
+    the slot axis, one call per group, on ``{"outer": {}, "slots": [that group's layer tree]}``),
     so a transformation that treats every leaf as one matrix (GaLore) sees a layer's own
     ``[m, n]`` matrices instead of the stacked ``[slots, m, n]``; the slots' state (every leaf
     with a leading slot axis) still starts afresh at each resample.  For an elementwise inner
@@ -265,12 +268,12 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
 
     def slots_init(slots):
         if not per_slot:
-            return inner.init(compact([], slots))
-        return [jax.vmap(lambda t: inner.init(compact([], [t])))(tree) for tree in slots]
+            return inner.init(compact({}, slots))
+        return [jax.vmap(lambda t: inner.init(compact({}, [t])))(tree) for tree in slots]
 
     def slots_update(grads, state, params):
         if not per_slot:
-            u, state = inner.update(compact([], grads), state, None if params is None else compact([], params))
+            u, state = inner.update(compact({}, grads), state, None if params is None else compact({}, params))
             return u["slots"], state
         out = [_update_per_slot(inner, g, s, None if params is None else p)
                for g, s, p in zip(grads, state, params or [None] * len(grads))]
@@ -308,7 +311,7 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
         u_slots, slot_state = slots_update(g_slots, slot_state, p_slots)
 
         leaves = [jnp.zeros_like(x) for x in layout.treedef.flatten_up_to(updates)]
-        for i, u in zip(layout.outer_ids, u_outer["outer"]):
+        for i, u in zip(layout.outer_ids, layout.outer_treedef.flatten_up_to(u_outer["outer"])):
             leaves[i] = u
         for group, idx, u_group in zip(layout.groups, active, u_slots):
             u_leaves = group.treedef.flatten_up_to(u_group)
@@ -325,8 +328,24 @@ def lisa(inner: optax.GradientTransformation, num_active: int = 2, interval: int
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def compact_weight_decay_mask(embeddings: bool = True) -> Callable[[Any], Any]:
+    """:func:`optim.masking.default_weight_decay_mask` for the compact tree an inner optimizer of
+    :func:`lisa` sees (the slots' leading axis does not count as a dimension)."""
+    from .masking import default_weight_decay_mask
+
+    def mask(compact):
+        return {"outer": default_weight_decay_mask(compact["outer"], embeddings=embeddings),
+                "slots": default_weight_decay_mask(compact["slots"], embeddings=embeddings, leading_axes=1)}
+    return mask
+
+
 def lisa_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-               weight_decay: float = 1e-4, *, num_active: int = 2, interval: int = 50,
+               weight_decay: float = 1e-4, mask: Any = None, *, num_active: int = 2, interval: int = 50,
                seed: int = 0) -> optax.GradientTransformation:
-    """:func:`lisa` around ``optax.adamw`` (``--config.optim.name=lisa_adamw``)."""
-    return lisa(optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay), num_active, interval, seed)
+    """:func:`lisa` around ``optax.adamw`` (``--config.optim.name=lisa_adamw``).  ``mask`` is
+    AdamW's weight-decay mask over the compact tree (``{"outer": ..., "slots": [...]}``, see
+    :func:`lisa`); :func:`compact_weight_decay_mask` gives the default rule for it."""
+    _core.check_float("learning_rate", learning_rate, lo=0.0)
+    _core.check_float("weight_decay", weight_decay, lo=0.0)
+    return lisa(optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay, mask=mask), num_active, interval,
+                seed)

@@ -82,6 +82,59 @@ def default_projection_mask(params: Any) -> Any:
         params)
 
 
+# --------------------------------------------------------------------------- weight decay
+NO_DECAY_NAMES = frozenset({"a_log", "dt_bias", "d", "window_factor", "magnitude", "decay", "gate_bias"})
+DECAY_VECTORS = frozenset({"sparse_values"})
+EMBEDDING_NAMES = frozenset({"wte", "wpe"})
+
+
+def _is_embedding(names: list[str]) -> bool:
+    return any("embed" in n or n in EMBEDDING_NAMES for n in names)
+
+
+def is_decayed_path(names: list[str], ndim: int, embeddings: bool = True) -> bool:
+    """The weight-decay rule applied to one leaf (``names`` from :func:`path_names`, ``ndim``
+    without any stacking axis); see :func:`default_weight_decay_mask`."""
+    names = [n for n in names if n != "value"]
+    if any("norm" in n for n in names) or any("bias" in _tokens(n) for n in names):
+        return False
+    if names and names[-1] in NO_DECAY_NAMES:
+        return False
+    if _is_embedding(names):
+        return embeddings
+    return ndim >= 2 or (bool(names) and names[-1] in DECAY_VECTORS)
+
+
+def default_weight_decay_mask(params: Any = None, *, embeddings: bool = True, leading_axes: int = 0):
+    """Pytree of bools, ``True`` where decoupled weight decay applies: the weight matrices
+    (projections, feature maps, short convolutions, routers, SLTrain's sparse values, adapter
+    factors) and, unless ``embeddings=False``, the token embeddings (a tied output head is the
+    same array).  Never decayed: norm scales (any path component containing ``norm``), biases,
+    the decay and gate parameters of the recurrent mixers (``A_log``, ``dt_bias``, ``D``) and
+    other per-channel gains (``window_factor``, DoRA's ``magnitude``).  ``leading_axes`` is the
+    number of stacking axes in front of every leaf (LISA's slots), which do not count towards
+    ``ndim``; leaves under a path component ``stack`` (lolax's scanned layers,
+    ``model.scan_layers``) have one more.
+
+    With ``params=None`` it returns the function ``params -> mask`` (optax's ``mask=`` takes
+    either).
+
+    >>> import jax.numpy as jnp
+    >>> p = {"embed": {"embedding": jnp.ones((9, 4))}, "attn": {"A_log": jnp.ones(2),
+    ...      "q_proj": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}}, "norm": {"scale": jnp.ones(4)}}
+    >>> m = default_weight_decay_mask(p, embeddings=False)
+    >>> m["attn"]["q_proj"], m["attn"]["A_log"], m["embed"]["embedding"], m["norm"]["scale"]
+    ({'bias': False, 'kernel': True}, False, False, False)
+    """
+    if params is None:
+        return lambda tree: default_weight_decay_mask(tree, embeddings=embeddings, leading_axes=leading_axes)
+    def rule(path, x):
+        names = path_names(path)
+        stacked = leading_axes + ("stack" in names)
+        return is_decayed_path(names, len(getattr(x, "shape", ())) - stacked, embeddings)
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
 def resolve_mask(mask: MaskOrFn, params: Any) -> Any:
     """``None`` -> default rule; callable -> called on ``params``; else returned as is."""
     if mask is None:

@@ -161,6 +161,8 @@ def adamw_8bit(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
                min_size: int = MIN_SIZE) -> optax.GradientTransformation:
     """``optax.adamw`` (same defaults and decoupled weight decay) with 8-bit moments:
     ``chain(scale_by_adam_8bit, add_decayed_weights(weight_decay, mask), scale_by_learning_rate)``."""
+    _core.check_float("learning_rate", learning_rate, lo=0.0)
+    _core.check_float("weight_decay", weight_decay, lo=0.0)
     return optax.chain(scale_by_adam_8bit(b1, b2, eps, block_size, min_size),
                        optax.add_decayed_weights(weight_decay, mask),
                        optax.scale_by_learning_rate(learning_rate))

@@ -301,9 +301,20 @@ def test_scale_by_adam_optax_eps_mode_equals_optax_adam():
 
 
 def test_adamw_is_optax_adamw():
-    # one AdamW: the name 'adamw' is optax's everywhere; the aliases' HF-style branch is 'adam'
-    assert optim.adamw is optax.adamw
-    assert optim.OPTIMIZERS["adamw"] is optax.adamw
+    # one AdamW: the name 'adamw' is optax's everywhere (with its signature), after a check that
+    # the learning rate and weight decay are not negative; the aliases' HF-style branch is 'adam'
+    import inspect
+    assert optim.OPTIMIZERS["adamw"] is optim.adamw and optim.adamw.__wrapped__ is optax.adamw
+    assert inspect.signature(optim.adamw) == inspect.signature(optax.adamw)
+    params, grads = make_params(), make_grads(2)
+    for o, r in zip(run_tx(optim.adamw(0.01, weight_decay=0.1), params, grads)[0],
+                    run_tx(optax.adamw(0.01, weight_decay=0.1), params, grads)[0]):
+        jax.tree.map(np.testing.assert_array_equal, o, r)
+    for make in (optim.adamw, optim.adamw_8bit, optim.lisa_adamw):
+        with pytest.raises(ValueError, match="learning_rate"):
+            make(-1e-3)
+        with pytest.raises(ValueError, match="weight_decay"):
+            make(1e-3, weight_decay=-0.1)
     assert optim.masking.ADAM == "adam" and not hasattr(optim.masking, "ADAMW")
     for name in ("galore", "apollo", "apollo_mini", "fira", "frugal", "natural_galore"):
         kw = {} if name == "apollo_mini" else dict(rank=2)

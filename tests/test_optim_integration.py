@@ -194,7 +194,7 @@ def test_adamw_from_config_and_make_optimizer_equal_optax_adamw():
     ref_tx = optax.chain(
         optax.clip_by_global_norm(cfg.grad_clip),
         optax.adamw(learning_rate_schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2,
-                    weight_decay=cfg.weight_decay))
+                    weight_decay=cfg.weight_decay, mask=optim.default_weight_decay_mask()))
     ref = _run_updates(ref_tx, params, grads)
     for o, r in zip(ours, ref):
         jax.tree.map(np.testing.assert_array_equal, o, r)

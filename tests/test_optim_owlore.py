@@ -217,7 +217,7 @@ def test_per_slot_is_a_no_op_for_elementwise_optimizers(inner):
 def test_per_slot_keeps_step_counters_shared_and_falls_back_when_they_depend_on_the_slot():
     tree = {"mlp": {"up_proj": {"kernel": jnp.ones((3, 8, 16))}}}
     galore = optim.galore(1e-2, rank=4, update_proj_gap=10)
-    wrap = lambda t: {"outer": [], "slots": [t]}
+    wrap = lambda t: {"outer": {}, "slots": [t]}
     state = jax.vmap(lambda t: galore.init(wrap(t)))(tree)
     jaxpr = str(jax.make_jaxpr(lambda g, s: _update_per_slot(galore, g, s, g))(tree, state))
     assert "cond[" in jaxpr                     # the projector refresh stays a branch (no SVD every step)

@@ -74,7 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.learning_rate = 3e-3
     c.optim.warmup_steps = 100
     c.optim.min_lr_ratio = 0.1       # cosine decay ends at this fraction of the peak
-    c.optim.weight_decay = 0.1
+    c.optim.weight_decay = 0.1       # on weight matrices only (optim.default_weight_decay_mask)
+    c.optim.decay_embeddings = True  # False keeps the token embeddings out of weight decay
     c.optim.b1 = 0.9
     c.optim.b2 = 0.95
     c.optim.grad_clip = 1.0
