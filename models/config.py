@@ -55,6 +55,7 @@ MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softm
                  "baseconv": "conv"}
 MIXER_NAMES = tuple(MIXER_LETTERS.values())
 HEDGEHOG_FORMS = ("fla", "lolcats")
+GDN_GATE_ACTIVATIONS = ("swish", "sigmoid")      # GDN output gate: FLA's / the paper's, or Kimi's KDA's
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "dots", "full")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -112,6 +113,8 @@ class ModelConfig:
     gla_gate_normalizer: float = 16.0
     gdn_expand_v: int = 1                # GDN / MoM value dim = expand_v * head size
     gdn_num_v_heads: int | None = None   # GDN value heads (a multiple of num_heads; None = num_heads)
+    gdn_use_gate: bool = True            # GDN: output gate (FLA's use_gate); False: o_norm(o) with no g_proj
+    gdn_gate_activation: str = "swish"   # GDN output gate: swish (FLA, the paper) | sigmoid (Kimi's KDA)
     allow_neg_eigval: bool = False       # DeltaNet / GDN / MoM: beta = 2 sigmoid(.)
     mom_num_memories: int = 4
     mom_topk: int = 2
@@ -174,6 +177,11 @@ class ModelConfig:
         if self.lightning_decay not in LIGHTNING_DECAYS:
             raise ValueError(f"model.lightning_decay must be one of {sorted(LIGHTNING_DECAYS)}, "
                              f"got {self.lightning_decay!r}")
+        if not isinstance(self.gdn_use_gate, bool):
+            raise ValueError(f"model.gdn_use_gate must be a bool, got {self.gdn_use_gate!r}")
+        if self.gdn_gate_activation not in GDN_GATE_ACTIVATIONS:
+            raise ValueError(f"model.gdn_gate_activation must be one of {GDN_GATE_ACTIVATIONS}, "
+                             f"got {self.gdn_gate_activation!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"model.implementation must be None, 'xla' or 'pallas', got {self.implementation!r}")
         for name in ("dtype", "param_dtype"):

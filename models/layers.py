@@ -1,7 +1,7 @@
 """Building blocks shared by every mixer and model.
 
 Logical-axis parameters (:func:`logical`, :func:`dense`; SLTrain projections inside a
-:func:`sltrain` scope), :class:`RMSNorm`, :class:`GatedRMSNorm` (``norm(o) * swish(gate)``),
+:func:`sltrain` scope), :class:`RMSNorm`, :class:`GatedRMSNorm` (``norm(o) * swish(gate)`` or sigmoid),
 :class:`SwiGLU`, the short causal depthwise :class:`ShortConv` with its decoding state,
 :func:`rotary` and :func:`l2norm`.
 
@@ -144,16 +144,26 @@ class RMSNorm(nnx.Module):
         return (rms_normalize(x, self.eps) * self.scale[...]).astype(x.dtype)
 
 
-class GatedRMSNorm(nnx.Module):
-    """``RMSNorm(o) * swish(gate)`` over the last axis (one head), FLA's ``FusedRMSNormGated``."""
+GATE_ACTIVATIONS = {"swish": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
+"""Output-gate activations of :class:`GatedRMSNorm` by name."""
 
-    def __init__(self, dim: int, eps: float = 1e-6, axis_name: str = "kv"):
-        self.eps = eps
+
+class GatedRMSNorm(nnx.Module):
+    """``RMSNorm(o) * act(gate)`` over the last axis (one head), FLA's ``FusedRMSNormGated``.
+
+    ``activation`` is ``"swish"`` (FLA's default) or ``"sigmoid"`` (Kimi's KDA layer); both keep
+    the same parameter, the norm's ``scale``.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, axis_name: str = "kv", activation: str = "swish"):
+        if activation not in GATE_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(GATE_ACTIVATIONS)}, got {activation!r}")
+        self.eps, self.activation = eps, activation
         self.scale = param(jnp.ones((dim,), jnp.float32), axis_name)
 
     def __call__(self, x: jax.Array, gate: jax.Array) -> jax.Array:
         y = rms_normalize(x, self.eps) * self.scale[...]
-        return (y * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+        return (y * GATE_ACTIVATIONS[self.activation](gate.astype(jnp.float32))).astype(x.dtype)
 
 
 class SwiGLU(nnx.Module):

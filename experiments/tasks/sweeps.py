@@ -9,12 +9,28 @@ from experiments.tasks.listops import LISTOPS_VOCAB
 from experiments.tasks.runner import decode_state_size, task_model_config, train_on_task
 from experiments.tasks.state_tracking import task_vocab
 
+# MQAR mixer name -> (preset, model settings): the settings a layer's paper used in its own recall
+# experiments where the name alone would leave them implicit, and variants that differ in one
+# setting.  A name without an entry is a preset (experiments/configs/presets.py) as it stands.
+MQAR_MIXER_SPECS = {
+    "gdn": ("gdn", {"gdn_use_gate": True, "gdn_gate_activation": "swish"}),     # the GDN paper's layer
+    "gdn_no_gate": ("gdn", {"gdn_use_gate": False}),
+    "gdn_sigmoid_gate": ("gdn", {"gdn_gate_activation": "sigmoid"}),          # Kimi's KDA gate
+}
+
+
+def mqar_mixer(name: str) -> tuple[str, dict]:
+    """``(preset, model settings)`` of an MQAR mixer name (see ``MQAR_MIXER_SPECS``)."""
+    return MQAR_MIXER_SPECS.get(name, (name, {}))
+
 
 def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print,
                **model_overrides):
     """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows.
 
-    ``model_overrides`` (for example ``window=16``) replace the presets' values in every model.
+    Each mixer name is a preset or a key of ``MQAR_MIXER_SPECS`` (a preset with its paper's
+    settings, or a variant); ``model_overrides`` (for example ``window=16``) then replace those
+    values in every model.
     """
     rows = []
     for seq_len, pairs in settings:
@@ -29,7 +45,9 @@ def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examp
 
         for mixer in mixers:
             for d in d_models:
-                cfg = task_model_config(mixer, vocab, d, num_layers=2, num_heads=2, **model_overrides)
+                preset, settings_of_mixer = mqar_mixer(mixer)
+                cfg = task_model_config(preset, vocab, d, num_layers=2, num_heads=2,
+                                        **{**settings_of_mixer, **model_overrides})
                 best = None
                 for lr in lrs:
                     result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=seed,
