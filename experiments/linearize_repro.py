@@ -11,7 +11,8 @@ r"""Linearisation against training from scratch, on the embedded corpus: quality
 4. Measures every model on the same validation windows, the size of its decoding state at two
    context lengths, and its greedy decoding speed per token after a short and after a long
    prompt (batch 1; prefill excluded; repetitions interleaved across the models, medians), and
-   writes ``linearize.json``, a Markdown table and ``linearize.png`` to ``--results``.
+   writes ``linearize.json``, a Markdown table and ``linearize.png`` to ``--results`` (``--out``
+   unless given; ``--results=docs/results`` replaces the committed files).
 
 Every stage resumes: rerunning with the same ``--out`` skips what is finished.
 """
@@ -172,13 +173,15 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     f = flags.FLAGS
     result = reproduce(f.out, f.window, f.transfer_steps, f.recovery_steps)
-    write_results(result, f.results)
-    print(open(os.path.join(f.results, "linearize.md")).read())
+    results = f.results or f.out
+    write_results(result, results)
+    print(open(os.path.join(results, "linearize.md")).read())
 
 
 def define_flags() -> None:
     flags.DEFINE_string("out", None, "Folder for the teacher, the linearisations and the baseline.")
-    flags.DEFINE_string("results", "docs/results", "Folder for linearize.json, .md and .png.")
+    flags.DEFINE_string("results", None, "Folder for linearize.json, .md and .png (default: --out; "
+                        "--results=docs/results regenerates the committed results).")
     flags.DEFINE_integer("window", 16, "Sliding-window keys of the LoLCATs and Liger layers.")
     flags.DEFINE_integer("transfer_steps", 200, "Attention-transfer steps (batch 16 x 256 tokens).")
     flags.DEFINE_integer("recovery_steps", 300, "LoRA recovery steps (batch 16 x 256 tokens).")

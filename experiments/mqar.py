@@ -1,13 +1,16 @@
 r"""MQAR: recall accuracy against decode-state size for every mixer (the Zoology / Based figure).
 
-    python -m experiments.mqar                      # CPU default, about 32 minutes on 2 cores
+    python -m experiments.mqar                      # CPU default, about 32 minutes on 2 cores, into runs/mqar
+    python -m experiments.mqar --out=docs/results   # the same, over the committed results
     python -m experiments.mqar --full               # the paper's sizes (V=8192, L up to 256)
     python -m experiments.mqar --conv_hybrid --d_models=64  # a BaseConv layer before every mixer layer
     python -m experiments.mqar --mixers=gdn,transformer --d_models=64 --steps=500
 
 Each mixer preset is trained at several widths; the x-axis is the number of floats the model keeps
 per sequence for decoding (recurrent states and KV caches, see
-``experiments.tasks.runner.decode_state_size``). Writes ``OUT/mqar.json`` and ``OUT/mqar.png``.
+``experiments.tasks.runner.decode_state_size``). Writes ``OUT/mqar.json`` and ``OUT/mqar.png``;
+``--out`` is ``runs/mqar`` unless given, so only an explicit ``--out=docs/results`` replaces the
+committed files.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ CONV_HYBRID = flags.DEFINE_bool("conv_hybrid", False, "Put a BaseConv layer (con
 SEED = flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
 FULL = flags.DEFINE_bool("full", False, "Paper sizes: V=8192, (L, D) = (64,4), (128,8), (256,16); "
                          "batch 256, lr sweep over logspace(-3, -1.5, 4).")
-OUT = flags.DEFINE_string("out", "docs/results", "Output folder for mqar.json and mqar.png.")
+OUT = flags.DEFINE_string("out", "runs/mqar", "Output folder for mqar.json and mqar.png (--out=docs/results "
+                          "regenerates the committed results).")
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 r"""Parity and modular counting: length generalisation of DeltaNet / Gated DeltaNet, beta in [0,1] vs [0,2].
 
     python -m experiments.state_tracking                 # CPU default, under 30 minutes on 2 cores
+    python -m experiments.state_tracking --out=docs/results   # the same, over the committed results
     python -m experiments.state_tracking --full          # 3 seeds, longer training, S3 and mod 5 too
     python -m experiments.state_tracking --tasks=parity --mixers=deltanet,deltanet_neg --steps=500
 
@@ -9,7 +10,9 @@ position (so every prefix length up to ``train_length`` is supervised), then are
 sequences, scored on the final token only. Accuracy is reported raw and normalised so that chance
 is 0 and perfect is 1: ``(acc - 1/m) / (1 - 1/m)`` for m states. ``*_neg`` mixers use
 ``allow_neg_eigval`` (beta = 2 sigmoid, eigenvalues of the transition in [-1, 1]).
-Writes ``OUT/state_tracking.json`` and ``OUT/state_tracking_<task>.png``.
+Writes ``OUT/state_tracking.json`` and ``OUT/state_tracking_<task>.png``; ``--out`` is
+``runs/state_tracking`` unless given, so only an explicit ``--out=docs/results`` replaces the
+committed files.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ LR = flags.DEFINE_float("learning_rate", 3e-3, "Peak learning rate.")
 SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (results averaged).")
 TEST_EXAMPLES = flags.DEFINE_integer("test_examples", 500, "Test sequences per length.")
 FULL = flags.DEFINE_bool("full", False, "Paper protocol: 3 seeds, 5000 steps, tasks parity/mod3/mod5/s3.")
-OUT = flags.DEFINE_string("out", "docs/results", "Output folder.")
+OUT = flags.DEFINE_string("out", "runs/state_tracking", "Output folder (--out=docs/results regenerates the "
+                          "committed results).")
 
 
 def main(argv):
