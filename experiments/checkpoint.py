@@ -1,14 +1,19 @@
 """Orbax checkpoints of the train state plus the data iterator's position.
 
 Orbax writes each step to a temporary folder and renames it when complete, so a run killed
-mid-save keeps its previous checkpoints intact and resumes from the newest complete one.
+mid-save keeps its previous checkpoints intact and resumes from the newest complete one. A
+complete step whose files were damaged later (truncated, deleted) is moved aside by
+``Checkpointer.restore_latest``, which then resumes from the newest step that still reads.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any
+import shutil
+import sys
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,6 +21,7 @@ import orbax.checkpoint as ocp
 from lolax.models import ModelConfig, peft
 
 CONFIG_FILE = "config.json"
+UNREADABLE_DIR = "checkpoints_unreadable"  # where restore_latest moves steps it cannot read
 # Config sections whose change makes saved state unusable (shapes or optimizer-state layout,
 # or what the token ids mean).
 STATE_DEFINING = ("model", "optim.name", "optim.rank", "peft", "data.tokenizer")
@@ -112,16 +118,121 @@ class Checkpointer:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            if _is_read_error(e):
+                raise ValueError(f"checkpoint {step} in {self.directory} could not be read: {_brief(e)}") from e
             raise ValueError(
                 f"checkpoint {step} in {self.directory} does not match the current model/optimizer "
                 f"state ({type(e).__name__}: {str(e)[:500]}). Use a new --workdir, or the config it was "
                 "saved with.") from e
         return restored.state, restored.data
 
+    def restore_latest(self, abstract_state, check_meta: Callable[[dict | None], None] | None = None,
+                       warn: Callable[[str], None] = print) -> tuple[int, Any, dict, dict | None] | None:
+        """Restores the newest checkpoint that reads: ``(step, state, data_position, meta)``, or None
+        when there is no checkpoint.
+
+        A step that cannot be read (files truncated or deleted after it was written) while an
+        older one can is moved to ``WORKDIR/checkpoints_unreadable/STEP``, so that the resumed run
+        can save that step again, and ``warn`` gets one line about it. ``check_meta(meta)`` runs
+        on each step's ``meta`` before its state is read; what it raises propagates. When no step
+        reads, the ValueError lists each step's error.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        _quiet_orbax_read_errors()
+        failures: list[tuple[int, Exception]] = []
+        for step in steps:
+            try:
+                meta = self.meta(step)
+            except Exception as e:  # noqa: BLE001 - any failure to read makes the step unusable
+                failures.append((step, e))
+                continue
+            if check_meta is not None:
+                check_meta(meta)
+            try:
+                state, position = self.restore(step, abstract_state)
+            except ValueError as e:
+                failures.append((step, e.__cause__ if e.__cause__ is not None else e))
+                continue
+            for bad, error in failures:
+                moved = self._move_aside(bad)
+                warn(f"warning: checkpoint {bad} could not be read ({_brief(error, 160)}); moved it to {moved} "
+                     f"and resumed from checkpoint {step}")
+            return step, state, position, meta
+        listing = "\n  ".join(f"step {step}: {type(e).__name__}: {_brief(e)}" for step, e in failures)
+        raise ValueError(
+            f"no checkpoint in {self.directory} could be restored:\n  {listing}\nIf the model or optimizer "
+            "config changed since they were saved, use a new --workdir or the config they were saved with; if "
+            "their files are damaged, move the checkpoints folder away to start afresh.")
+
+    def _move_aside(self, step: int) -> str:
+        """Moves step ``step``'s folder out of the manager's directory; returns where it went."""
+        target_dir = os.path.join(os.path.dirname(self.directory), UNREADABLE_DIR)
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, str(step))
+        suffix = 1
+        while os.path.exists(target):
+            target, suffix = os.path.join(target_dir, f"{step}.{suffix}"), suffix + 1
+        shutil.move(os.path.join(self.directory, str(step)), target)
+        self.manager.reload()
+        return target
+
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# Tensorstore's error codes, which orbax passes on in its messages for files it cannot read.
+_READ_ERROR_CODES = ("DATA_LOSS", "OUT_OF_RANGE", "NOT_FOUND", "FAILED_PRECONDITION", "UNKNOWN", "INTERNAL")
+
+
+def _is_read_error(error: BaseException) -> bool:
+    """A damaged or missing file, as against a checkpoint of another shape or structure."""
+    if isinstance(error, (OSError, json.JSONDecodeError)):
+        return True
+    if isinstance(error, KeyError) and "was not found in the checkpoint" in str(error):
+        return True                                  # an item's folder (state/, data/) is gone
+    return any(str(error).startswith(code + ":") for code in _READ_ERROR_CODES)
+
+
+def _brief(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+class _DropOrbaxReadNoise(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' records of orbax's array reads: when
+    one read of a restore fails, each of the others that failed too is logged with a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("Task exception was never retrieved") and "async_deserialize" in message)
+
+
+def _quiet_orbax_read_errors() -> None:
+    """Keeps a failed restore to its one exception (process-wide, installed once).
+
+    When one array of a restore fails to read, orbax closes its event loop while tensorstore
+    still completes the other reads; each completion then reports ``RuntimeError('Event loop is
+    closed')`` through ``sys.unraisablehook`` and asyncio logs every unretrieved failure, hundreds
+    of tracebacks for a real model, some of them after the restore has returned. Both are dropped;
+    every other unraisable exception and log record passes through.
+    """
+    if getattr(sys.unraisablehook, "_lolax_quiet", False):
+        return
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook._lolax_quiet = True
+    sys.unraisablehook = hook
+    logging.getLogger("asyncio").addFilter(_DropOrbaxReadNoise())
 
 
 def abstract_like(state):
