@@ -1,8 +1,9 @@
 """The language-model training loop behind ``python -m experiments.train``.
 
 ``train(config, workdir)`` builds the data, model, optimizer and mesh from an ml_collections
-config, resumes from the newest checkpoint in ``workdir`` if there is one, trains with a progress
-bar, evaluates, checkpoints, logs ``metrics.jsonl``, plots ``loss.png`` and prints a sample.
+config, resumes from the newest checkpoint in ``workdir`` that reads, trains with a progress
+bar, evaluates, checkpoints, logs ``metrics.jsonl`` and TensorBoard event files, plots ``loss.png``
+and prints a sample. A NaN or infinite loss stops it (``guards.TrainingDiverged``) without saving.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from absl import logging
 from flax import nnx
 from tqdm import tqdm
 
-from experiments import finetune
+from experiments import finetune, guards
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
 from experiments.configs.presets import apply_preset
 from experiments.data import BatchIterator, Tokenizer, eval_windows, load_corpus, load_tokenizer
-from experiments.metrics import MetricsWriter, plot_loss
-from experiments.optimizers import check_layer_layout, make_optimizer
+from experiments.data.tokenizer import BYTE
+from experiments.metrics import MetricsWriter, last_records, plot_loss
+from experiments.optimizers import check_layer_layout, learning_rate_schedule, make_optimizer
 from experiments.train_state import evaluate, init_state, make_eval_step, make_train_step
 from lolax import optim
 from lolax.models import ModelConfig, count_params, generate, peft
@@ -89,7 +91,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
 
     With ``config.init_from`` the model (its config and parameters) comes from that run folder;
     with ``config.peft.method`` set only adapters train (see ``experiments/finetune.py``).
+
+    The loss and gradient norm are checked at every logged step (``train.log_every``, and the
+    step a stop request arrives at), the validation loss at every evaluation, and the whole state
+    about to be saved before every checkpoint; a NaN or infinity raises ``guards.TrainingDiverged``
+    naming the step and the last good checkpoint, and nothing non-finite is saved.
     """
+    guards.check_train_config(config)
     config_dict = config.to_dict()
     tokenizer = load_tokenizer(config.data.get("tokenizer", "byte"))
     model_cfg = model_config(config.model)
@@ -128,11 +136,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     batch_sharding = prules.batch_sharding(mesh)
 
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-    start = checkpointer.latest_step()
-    if start is not None:
-        if meta is not None:
-            finetune.check_base(checkpointer.meta(start), meta["base_fingerprint"], init_from)
-        saved, position = checkpointer.restore(start, abstract_like(finetune.checkpoint_view(state, peft_cfg)))
+    check_meta = None if meta is None else (
+        lambda saved_meta: finetune.check_base(saved_meta, meta["base_fingerprint"], init_from))
+    # the newest checkpoint that reads; unreadable newer ones are moved aside with a warning
+    resumed = checkpointer.restore_latest(abstract_like(finetune.checkpoint_view(state, peft_cfg)), check_meta)
+    start = None
+    if resumed is not None:
+        start, saved, position, _ = resumed
         state = finetune.restore_view(state, saved, peft_cfg)
         batches.restore(position)
         print(f"resumed from step {start} in {workdir}")
@@ -150,17 +160,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
               f"{counts['base']:,} base parameters), {counts['buffers']:,} frozen adapter values")
     train_params = nnx.split_state(state.params, trainable, ...)[0]
     trainable_values = sum(int(x.size) for x in jax.tree.leaves(train_params))
-    print(f"optimizer {config.optim.name} state:\n{optim.format_state_bytes(optim.state_bytes(tx, train_params))}")
+    opt_bytes = optim.state_bytes(tx, train_params)
+    opt_table = optim.format_state_bytes(opt_bytes)
+    print(f"optimizer {config.optim.name} state:\n{opt_table}")
 
     # Steps are traced under jax.set_mesh(mesh) below: with a sequence axis > 1 the mixers run
     # LASP-2 and ring / Ulysses / all-gather attention (model.sequence_attention).
     train_step = prules.shard_step(make_train_step(graphdef, tx, donate=False, trainable=trainable), mesh,
                                    state_shardings, batch_sharding)
     eval_step = make_eval_step(graphdef)
-    writer = MetricsWriter(workdir)
-    tokens_per_step = d.batch_size * d.seq_len
     step = int(state.step)
-    last = {"val_loss": math.nan, "val_bpb": math.nan, "train_loss": math.nan, "tokens_per_s": math.nan}
+    writer = MetricsWriter(workdir, tensorboard=t.get("tensorboard", True),
+                           purge_step=None if start is None else step + 1)
+    writer.scalar("optimizer/state_bytes", opt_bytes["total"]["bytes"], step)
+    writer.text("optimizer/state", f"optimizer {config.optim.name}\n\n    " + opt_table.replace("\n", "\n    "), step)
+    schedule = learning_rate_schedule(config.optim, t.steps)
+    byte_tokens = tokenizer.spec == BYTE           # train bits per byte is then the loss / ln 2
+    tokens_per_step = d.batch_size * d.seq_len
+    last = resumed_metrics(writer.path, step)
+    last_saved = start                             # the newest checkpoint on disk, all finite
     stop = _StopRequest()
     bar = tqdm(total=t.steps, initial=step, disable=not show_progress, dynamic_ncols=True, unit="step")
     try:
@@ -172,39 +190,82 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
                 step += 1
                 window_steps += 1
                 bar.update(1)
-                if step % t.log_every == 0 or step == t.steps:
+                if step % t.log_every == 0 or step == t.steps or stop.requested:
                     loss = float(metrics["loss"])  # waits for the step: timing below is honest
+                    grad_norm = float(metrics["grad_norm"])
                     elapsed = time.perf_counter() - window_start
-                    last["train_loss"] = loss
-                    last["tokens_per_s"] = window_steps * tokens_per_step / elapsed
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
-                    writer.write({"step": step, "split": "train", "loss": loss,
-                                  "grad_norm": float(metrics["grad_norm"]),
-                                  "tokens_per_s": last["tokens_per_s"], "time": time.time()})
+                    tokens_per_s = window_steps * tokens_per_step / elapsed
+                    record = {"step": step, "split": "train", "loss": loss, "grad_norm": grad_norm,
+                              "learning_rate": float(schedule(step - 1)), "tokens_per_s": tokens_per_s}
+                    if byte_tokens:
+                        record["bpb"] = loss / math.log(2)
+                    writer.write({**record, "time": time.time()})
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        raise guards.diverged(f"training loss {loss:.4f}, gradient norm {grad_norm:.4g}", step,
+                                              last_saved, workdir)
+                    last.update(train_loss=loss, train_step=step, tokens_per_s=tokens_per_s)
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
                 if step % t.eval_every == 0 or step == t.steps:
                     result = evaluate(eval_step, state.params, val_batches)
-                    last["val_loss"], last["val_bpb"] = result["loss"], result["bpb"]
                     writer.write({"step": step, "split": "val", **result, "time": time.time()})
+                    if not math.isfinite(result["loss"]):
+                        raise guards.diverged(f"validation loss {result['loss']:.4f}", step, last_saved, workdir)
+                    last.update(val_loss=result["loss"], val_bpb=result["bpb"], val_step=step)
                     bar.write(f"step {step}: validation loss {result['loss']:.4f}, "
                               f"bits per byte {result['bpb']:.4f}")
                     window_start = time.perf_counter()
                 if step % t.checkpoint_every == 0 or step == t.steps or stop.requested:
-                    checkpointer.save(step, finetune.checkpoint_view(state, peft_cfg), batches.position(), meta)
+                    view = finetune.checkpoint_view(state, peft_cfg)
+                    # one fused reduction over what is saved: cheap beside writing it
+                    if not guards.all_finite((view, metrics)):
+                        raise guards.diverged("the state to be saved (or this step's loss or gradient norm) holds "
+                                              "NaN or Inf", step, last_saved, workdir)
+                    checkpointer.save(step, view, batches.position(), meta)
+                    last_saved = step
             if stop.requested:
                 bar.write(f"stopped at step {step}; checkpoint saved, rerun with the same workdir to resume")
     finally:
         bar.close()
         checkpointer.close()
+        writer.close()
 
     plot_loss(writer.path, f"{workdir}/loss.png")
-    summary = {"step": step, "trainable_params": trainable_values, **last}
+    summary = {"step": step, "trainable_params": trainable_values, "stopped": stop.requested, **last}
     if step >= t.steps and t.sample_tokens > 0:
         summary["sample"] = sample_text(graphdef, state.params, t, config.seed, tokenizer)
         print(f"--- sample ({t.sample_tokens} tokens, temperature {t.sample_temperature}) ---")
         print(t.sample_prompt + summary["sample"])
         print("---")
     return summary
+
+
+def resumed_metrics(metrics_path: str, step: int) -> dict:
+    """The latest training and validation numbers logged at or before ``step`` (NaN and None
+    where there are none): what a summary reports until this run logs its own."""
+    records = last_records(metrics_path, step)
+    train, val = records.get("train", {}), records.get("val", {})
+    return {"val_loss": val.get("loss", math.nan), "val_bpb": val.get("bpb", math.nan), "val_step": val.get("step"),
+            "train_loss": train.get("loss", math.nan), "train_step": train.get("step"),
+            "tokens_per_s": train.get("tokens_per_s", math.nan)}
+
+
+def final_line(summary: dict) -> str:
+    """One line of a run's last real numbers, each with the step it comes from; what has not
+    been measured yet is said, not printed as NaN."""
+    parts = [f"final: step {summary['step']}" + (" (stopped early)" if summary.get("stopped") else "")]
+    if summary.get("train_step") is not None:
+        parts.append(f"training loss {summary['train_loss']:.4f} (step {summary['train_step']})")
+    else:
+        parts.append("no training loss logged yet")
+    if summary.get("val_step") is not None:
+        parts.append(f"validation loss {summary['val_loss']:.4f}, bits per byte {summary['val_bpb']:.4f} "
+                     f"(step {summary['val_step']})")
+    else:
+        parts.append("not evaluated yet")
+    if math.isfinite(summary.get("tokens_per_s", math.nan)):
+        parts.append(f"{summary['tokens_per_s']:,.0f} tokens/s")
+    return ", ".join(parts)
 
 
 def sample_text(graphdef, params, t: ml_collections.ConfigDict, seed: int,

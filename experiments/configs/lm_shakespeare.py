@@ -97,6 +97,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_tokens = 240     # stays within seq_len: the model never saw longer contexts
     c.train.sample_prompt = "ROMEO:\n"
     c.train.sample_temperature = 0.8
+    c.train.tensorboard = True       # event files beside metrics.jsonl: tensorboard --logdir=runs
 
     c.mesh = ml_collections.ConfigDict()   # parallelism.mesh axes; one of them may be -1 (fill)
     c.mesh.data = -1                 # devices on the data axis; -1 = all
