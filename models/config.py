@@ -9,8 +9,8 @@ tiled over ``num_layers``.
 | ``L``  | ``linear_attn``               | linear attention, feature map ``feature_map``           |
 | ``H``  | ``hedgehog``                  | linear attention with Hedgehog's learnable softmax map |
 | ``B``  | ``based``                     | Based: Taylor feature map, normalised linear attention |
-| ``R``  | ``retnet``                    | RetNet retention (simple_gla, fixed per-head decay)     |
-| ``N``  | ``lightning``                 | Lightning Attention (simple_gla, ALiBi-slope decay)     |
+| ``R``  | ``retnet``                    | RetNet multi-scale retention (fixed per-head decay)     |
+| ``N``  | ``lightning``                 | Lightning Attention (TransNormerLLM layer)              |
 | ``G``  | ``gla``                       | Gated Linear Attention (low-rank data-dependent gate)   |
 | ``D``  | ``deltanet``                  | DeltaNet (delta rule)                                   |
 | ``E``  | ``gated_deltanet`` (``gdn``)  | Gated DeltaNet                                          |
@@ -56,6 +56,9 @@ MIXER_ALIASES = {"gdn": "gated_deltanet", "attn": "softmax", "attention": "softm
 MIXER_NAMES = tuple(MIXER_LETTERS.values())
 HEDGEHOG_FORMS = ("fla", "lolcats")
 GDN_GATE_ACTIVATIONS = ("swish", "sigmoid")      # GDN output gate: FLA's / the paper's, or Kimi's KDA's
+RETNET_NORMS = ("group", "rms")                  # per-head mean/variance norm (the paper's), or FLA's RMSNorm
+LIGHTNING_NORMS = ("srms", "rms")                # one scale-free RMS over all heads (TransNormerLLM), or per head
+LIGHTNING_GATES = ("identity", "swish")          # u = u_proj x (TransNormerLLM), or swish(g_proj x)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "dots", "full")
 ROPE_SCALINGS = ("none", "linear", "llama3")
@@ -107,7 +110,11 @@ class ModelConfig:
     hedgehog_dim: int | None = None      # Hedgehog features per half (D'); default head size
     hedgehog_form: str = "fla"
     based_feature_dim: int = 16          # Based: q/k projected to this many dims before Taylor
+    retnet_expand_v: int = 1             # RetNet value (and output gate) dim = expand_v * head size; the paper's is 2
+    retnet_norm: str = "group"           # RetNet: group (the paper: per-head mean/variance, no scale) | rms (FLA)
     lightning_decay: str = "alibi_slopes"
+    lightning_norm: str = "srms"         # Lightning: srms (TransNormerLLM: over all heads, no scale) | rms (per head)
+    lightning_gate: str = "identity"     # Lightning: identity (TransNormerLLM's u_proj x) | swish (swish(g_proj x))
     gla_expand_k: float = 0.5            # GLA key dim = expand_k * head size
     gla_gate_rank: int = 16
     gla_gate_normalizer: float = 16.0
@@ -138,8 +145,8 @@ class ModelConfig:
 
     def __post_init__(self):
         positive = ("vocab_size", "d_model", "num_layers", "num_heads", "chunk_size", "window",
-                    "based_feature_dim", "gla_gate_rank", "gdn_expand_v", "mom_num_memories",
-                    "mom_topk")
+                    "based_feature_dim", "gla_gate_rank", "gdn_expand_v", "retnet_expand_v",
+                    "mom_num_memories", "mom_topk")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -179,9 +186,10 @@ class ModelConfig:
                              f"got {self.lightning_decay!r}")
         if not isinstance(self.gdn_use_gate, bool):
             raise ValueError(f"model.gdn_use_gate must be a bool, got {self.gdn_use_gate!r}")
-        if self.gdn_gate_activation not in GDN_GATE_ACTIVATIONS:
-            raise ValueError(f"model.gdn_gate_activation must be one of {GDN_GATE_ACTIVATIONS}, "
-                             f"got {self.gdn_gate_activation!r}")
+        for name, choices in (("gdn_gate_activation", GDN_GATE_ACTIVATIONS), ("retnet_norm", RETNET_NORMS),
+                              ("lightning_norm", LIGHTNING_NORMS), ("lightning_gate", LIGHTNING_GATES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"model.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.implementation not in (None, "xla", "pallas"):
             raise ValueError(f"model.implementation must be None, 'xla' or 'pallas', got {self.implementation!r}")
         for name in ("dtype", "param_dtype"):

@@ -14,12 +14,11 @@ from .linear import (
                                   DeltaNet,
                                   GatedDeltaNet,
                                   HedgehogAttention,
-                                  Lightning,
                                   LinearAttention,
                                   RecurrentMixer,
-                                  RetNet,
 )
 from .mom import MoM
+from .retention import Lightning, RetNet
 
 MIXERS = {
     "linear_attn": LinearAttention, "hedgehog": HedgehogAttention, "based": BasedAttention,

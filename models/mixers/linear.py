@@ -5,11 +5,11 @@
 | :class:`LinearAttention` | ``linear_attn`` | a feature map (``lolax.ops.feature_maps``), per-head RMSNorm |
 | :class:`HedgehogAttention` | ``linear_attn`` | learnable Hedgehog maps ``q_map``/``k_map`` ``[H, D, D']`` |
 | :class:`BasedAttention` | ``linear_attn`` (normalised) | q/k projected to ``based_feature_dim``, Taylor map |
-| :class:`RetNet` | ``simple_gla`` (``g_gamma``) | rotary q/k, output gate ``g_proj``, gated RMSNorm |
-| :class:`Lightning` | ``simple_gla`` (``g_gamma``) | SiLU q/k, output gate, gated RMSNorm |
 | :class:`GLA` | ``gla`` | low-rank gate ``gk_down_proj``/``gk_up_proj``, output gate, gated RMSNorm |
 | :class:`DeltaNet` | ``delta_rule`` | short convs, L2 q/k, ``b_proj`` (beta), per-head RMSNorm |
 | :class:`GatedDeltaNet` | ``gated_delta_rule`` | DeltaNet's + ``a_proj A_log dt_bias``, optional gate ``g_proj`` |
+
+The fixed-decay layers (RetNet, Lightning) live in :mod:`.retention`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,12 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ...ops import feature_maps as fm
 from .. import dispatch
 from ..config import ModelConfig
-from ..layers import GatedRMSNorm, RMSNorm, ShortConv, dense, l2norm, param, rotary
+from ..layers import GatedRMSNorm, RMSNorm, ShortConv, dense, l2norm, param
 from .base import Mixer
 
 F32 = jnp.float32
@@ -184,10 +183,6 @@ class BasedAttention(RecurrentMixer):
         return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
 
 
-# ------------------------------------------------------------------------------------------------
-# Scalar decay: RetNet, Lightning
-# ------------------------------------------------------------------------------------------------
-
 class _GatedOutput(RecurrentMixer):
     """Shared output path: per-head gated RMSNorm with ``swish(g_proj(x))``, then ``o_proj``."""
 
@@ -199,56 +194,6 @@ class _GatedOutput(RecurrentMixer):
     def _output(self, o, x, extras):
         o = self.o_norm(o, _heads(self.g_proj(x), o.shape[2]))
         return self.o_proj(o.reshape(o.shape[:2] + (-1,)))
-
-
-class RetNet(_GatedOutput):
-    """RetNet multi-scale retention: rotary q/k, ``gamma_h = 1 - 2^{-5-h}``, gated RMSNorm output."""
-
-    family = "simple_gla"
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
-        from ...ops.simple_gla import retnet_g_gamma
-        h, d = cfg.num_heads, cfg.head_size
-        self.num_heads, self.chunk_size, self.rope_theta = h, cfg.chunk_size, cfg.rope_theta
-        self.implementation = cfg.implementation
-        with jax.ensure_compile_time_eval():
-            self.g_gamma = tuple(float(g) for g in np.asarray(retnet_g_gamma(h)))
-        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self._init_output(cfg, rngs, h, d)
-
-    def _project(self, x, ctx, conv):
-        q = rotary(_heads(self.q_proj(x), self.num_heads), ctx.positions, self.rope_theta)
-        k = rotary(_heads(self.k_proj(x), self.num_heads), ctx.positions, self.rope_theta)
-        v = _heads(self.v_proj(x), self.num_heads)
-        return {"q": q, "k": k, "v": v, "g_gamma": jnp.asarray(self.g_gamma, F32)}
-
-
-class Lightning(_GatedOutput):
-    """Lightning Attention (TransNormerLLM): SiLU q/k, fixed per-head decay
-    (``cfg.lightning_decay``: ALiBi slopes scaled by depth, or FLA's linear schedule), gated RMSNorm."""
-
-    family = "simple_gla"
-
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, layer_idx: int = 0):
-        from ...ops.simple_gla import lightning_g_gamma
-        h, d = cfg.num_heads, cfg.head_size
-        self.num_heads, self.chunk_size = h, cfg.chunk_size
-        self.implementation = cfg.implementation
-        with jax.ensure_compile_time_eval():
-            self.g_gamma = tuple(float(g) for g in np.asarray(
-                lightning_g_gamma(h, layer_idx, cfg.num_layers, cfg.lightning_decay)))
-        self.q_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.k_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self.v_proj = dense(cfg.d_model, h * d, ("embed", "heads"), rngs)
-        self._init_output(cfg, rngs, h, d)
-
-    def _project(self, x, ctx, conv):
-        q = jax.nn.silu(_heads(self.q_proj(x), self.num_heads))
-        k = jax.nn.silu(_heads(self.k_proj(x), self.num_heads))
-        v = _heads(self.v_proj(x), self.num_heads)
-        return {"q": q, "k": k, "v": v, "g_gamma": jnp.asarray(self.g_gamma, F32)}
 
 
 # ------------------------------------------------------------------------------------------------
