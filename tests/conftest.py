@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# pytest-xdist workers share the cores: OpenBLAS's busy-waiting threads would make every CPU SVD
+# many times slower (see experiments/__init__.py)
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import jax  # noqa: E402
 
