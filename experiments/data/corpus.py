@@ -17,6 +17,7 @@ import glob
 import importlib.util
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -32,7 +33,8 @@ class Corpus:
 
     ``train`` / ``val`` are uint8 bytes for the byte tokenizer, int32 ids otherwise;
     ``train_bytes`` / ``val_bytes`` hold the UTF-8 bytes each token covers (None: one byte
-    per token, the byte tokenizer).
+    per token, the byte tokenizer); ``train_docs`` / ``val_docs`` the int64 offsets where each
+    document (one file's part, with the separator that follows it) starts, for packing.
     """
 
     train: np.ndarray
@@ -40,6 +42,8 @@ class Corpus:
     files: tuple[str, ...]
     train_bytes: np.ndarray | None = None
     val_bytes: np.ndarray | None = None
+    train_docs: np.ndarray | None = None
+    val_docs: np.ndarray | None = None
 
     def describe(self) -> str:
         """One line: files, and tokens (and the bytes they cover) per split."""
@@ -113,24 +117,58 @@ def load_corpus(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05,
         data = Path(name).read_bytes()
         if not data:
             continue
-        cut = len(data) - int(round(len(data) * val_fraction))
-        while not by_bytes and cut < len(data) and (data[cut] & 0xC0) == 0x80:
-            cut += 1   # a UTF-8 continuation byte: keep the character whole
-        train_parts.append(data[:cut])
-        if cut < len(data):
-            val_parts.append(data[cut:])
+        train_part, val_part = split_file(data, val_fraction, whole_characters=not by_bytes)
+        train_parts.append(train_part)
+        if val_part:
+            val_parts.append(val_part)
     if not train_parts:
         raise ValueError(f"the corpus at {path!r} is empty: {len(files)} file(s), all of zero bytes")
     if by_bytes:
         as_array = lambda parts: np.frombuffer(DOC_SEPARATOR.join(parts), dtype=np.uint8).copy()
-        return Corpus(train=as_array(train_parts), val=as_array(val_parts), files=tuple(files))
-    train, train_bytes = _tokenize_parts(train_parts, tokenizer)
-    val, val_bytes = _tokenize_parts(val_parts, tokenizer)
-    return Corpus(train=train, val=val, files=tuple(files), train_bytes=train_bytes, val_bytes=val_bytes)
+        starts = lambda parts: _doc_starts([len(p) for p in parts], len(DOC_SEPARATOR))
+        return Corpus(train=as_array(train_parts), val=as_array(val_parts), files=tuple(files),
+                      train_docs=starts(train_parts), val_docs=starts(val_parts))
+    train, train_bytes, train_docs = _tokenize_parts(train_parts, tokenizer)
+    val, val_bytes, val_docs = _tokenize_parts(val_parts, tokenizer)
+    return Corpus(train=train, val=val, files=tuple(files), train_bytes=train_bytes, val_bytes=val_bytes,
+                  train_docs=train_docs, val_docs=val_docs)
 
 
-def _tokenize_parts(parts: list[bytes], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """The parts' tokens joined by the separator's, and the bytes each token covers."""
+def split_file(data: bytes, val_fraction: float, whole_characters: bool = True) -> tuple[bytes, bytes]:
+    """``(train, validation)`` parts of one file: the validation part is its last
+    ``val_fraction``, its cut moved forward to a UTF-8 character boundary when
+    ``whole_characters``.
+
+    >>> split_file(b"abcdefghij", 0.2)
+    (b'abcdefgh', b'ij')
+    """
+    cut = len(data) - int(round(len(data) * val_fraction))
+    while whole_characters and cut < len(data) and (data[cut] & 0xC0) == 0x80:
+        cut += 1   # a UTF-8 continuation byte: keep the character whole
+    return data[:cut], data[cut:]
+
+
+def train_texts(path: str = DEFAULT_CORPUS, val_fraction: float = 0.05) -> Iterator[str]:
+    """The training part of every file under ``path`` (as :func:`load_corpus` splits them), decoded
+    as UTF-8 with invalid bytes as U+FFFD: what a ``bpe:N`` tokenizer is trained on."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+    for name in resolve_files(path):
+        part, _ = split_file(Path(name).read_bytes(), val_fraction)
+        if part:
+            yield part.decode("utf-8", errors="replace")
+
+
+def _doc_starts(lengths: list[int], separator: int) -> np.ndarray:
+    """Start offsets of parts of ``lengths`` joined by ``separator`` tokens (each part owns the
+    separator after it)."""
+    sizes = np.asarray(lengths, np.int64) + separator
+    return np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if lengths else np.zeros(0, np.int64)
+
+
+def _tokenize_parts(parts: list[bytes], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The parts' tokens joined by the separator's, the bytes each token covers, and where each
+    part starts."""
     texts = [part.decode("utf-8", errors="replace") for part in parts]
     batch = getattr(tokenizer, "encode_batch_with_bytes", None)
     encoded = batch(texts) if batch is not None else [tokenizer.encode_with_bytes(t) for t in texts]
@@ -141,6 +179,7 @@ def _tokenize_parts(parts: list[bytes], tokenizer: Tokenizer) -> tuple[np.ndarra
             pieces.append(separator)
         pieces.append(piece)
     if not pieces:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.int64)
+    starts = _doc_starts([t.size for t, _ in encoded], separator[0].size)
     return (np.concatenate([t for t, _ in pieces]).astype(np.int32),
-            np.concatenate([b for _, b in pieces]).astype(np.int32))
+            np.concatenate([b for _, b in pieces]).astype(np.int32), starts)

@@ -4,7 +4,10 @@
 
 - ``"byte"``: every UTF-8 byte is a token (vocabulary 256, nothing to train or load);
 - a path to a ``tokenizer.json`` file, or to a folder holding one: loaded from disk with the
-  ``tokenizers`` library, no network.
+  ``tokenizers`` library, no network;
+- ``"bpe:N"``: a byte-level BPE of N tokens trained on the run's training text (see
+  :mod:`experiments.data.bpe`), kept as ``<workdir>/tokenizer.json`` and loaded from there when the
+  file exists.
 
 Besides ``encode`` / ``decode``, both report how many UTF-8 bytes of the text each token covers
 (:meth:`encode_with_bytes`), which is what bits per byte is normalised by (see
@@ -13,12 +16,14 @@ Besides ``encode`` / ``decode``, both report how many UTF-8 bytes of the text ea
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Callable, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 BYTE = "byte"
+BPE_PREFIX = "bpe:"
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -110,6 +115,19 @@ class JsonTokenizer:
         """The token ids of ``text`` as an int32 array."""
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
 
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = False) -> list[np.ndarray]:
+        """:meth:`encode` of several texts (encoded in parallel by ``tokenizers``)."""
+        encodings = self._tokenizer.encode_batch(list(texts), add_special_tokens=add_special_tokens)
+        return [np.asarray(e.ids, np.int32) for e in encodings]
+
+    def token_id(self, token: str) -> int | None:
+        """The id of ``token`` (a special token such as ``<|endoftext|>``), None if unknown."""
+        return self._tokenizer.token_to_id(token)
+
+    def to_str(self) -> str:
+        """The tokenizer as the JSON text of a ``tokenizer.json``."""
+        return self._tokenizer.to_str()
+
     def decode(self, tokens, skip_special_tokens: bool = True) -> str:
         """The text of ``tokens`` (ids the vocabulary lacks are left out)."""
         return self._tokenizer.decode(np.asarray(tokens).astype(np.int64).ravel().tolist(),
@@ -126,21 +144,44 @@ class JsonTokenizer:
         return [(np.asarray(e.ids, np.int32), covered_bytes(text, e.offsets)) for text, e in zip(texts, encodings)]
 
 
-def load_tokenizer(spec: str | Tokenizer | None = BYTE, name: str = "data.tokenizer") -> Tokenizer:
-    """The tokenizer ``spec`` names: ``"byte"`` (or empty / None), or a ``tokenizer.json`` file
-    or a folder containing one. A tokenizer passes through unchanged.
+def fingerprint(tokenizer: Tokenizer) -> str:
+    """What identifies a tokenizer's mapping: ``"byte"``, or ``"sha256:<hex>"`` of its JSON text.
+
+    Two ``tokenizer.json`` files with the same content (a copy, another path) share it.
+    """
+    if isinstance(tokenizer, ByteTokenizer):
+        return BYTE
+    if isinstance(tokenizer, JsonTokenizer):
+        return "sha256:" + hashlib.sha256(tokenizer.to_str().encode("utf-8")).hexdigest()
+    raise ValueError(f"tokenizer must be a ByteTokenizer or a JsonTokenizer to be fingerprinted, "
+                     f"got {type(tokenizer).__name__}")
+
+
+def load_tokenizer(spec: str | Tokenizer | None = BYTE, name: str = "data.tokenizer", *,
+                   workdir: str | None = None,
+                   train_texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
+    """The tokenizer ``spec`` names: ``"byte"`` (or empty / None), a ``tokenizer.json`` file
+    or a folder containing one, or ``"bpe:N"``. A tokenizer passes through unchanged.
+
+    ``"bpe:N"`` lives in ``workdir/tokenizer.json``: loaded when the file exists (a resumed run
+    never retrains), else trained on ``train_texts()`` (the run's training split) and saved there.
 
     Args:
       spec: the value of the setting.
       name: the setting's name, for error messages (``data.tokenizer``, ``--tokenizer``).
+      workdir: the folder of a ``bpe:N`` tokenizer.
+      train_texts: called (once) for the texts to train a ``bpe:N`` tokenizer on.
 
     Raises:
-      ValueError: naming ``name`` and ``spec`` when the file is missing or not a tokenizer.
+      ValueError: naming ``name`` and ``spec`` when the file is missing or not a tokenizer, or a
+        ``bpe:N`` spec is malformed or has no workdir (or no text to train on).
     """
     if spec is None or isinstance(spec, str) and spec.strip() in ("", BYTE):
         return ByteTokenizer()
     if not isinstance(spec, str):
         return spec
+    if spec.strip().startswith(BPE_PREFIX):
+        return _load_bpe(spec, name, workdir, train_texts)
     expected = f"expected {BYTE!r}, a {TOKENIZER_FILE} file, or a folder containing one"
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
@@ -154,3 +195,23 @@ def load_tokenizer(spec: str | Tokenizer | None = BYTE, name: str = "data.tokeni
     except Exception as e:  # tokenizers raises its own Exception subclass for unreadable files
         raise ValueError(f"{name} = {spec!r} could not be read as a Hugging Face {TOKENIZER_FILE} "
                          f"({expected}): {type(e).__name__}: {str(e)[:300]}") from e
+
+
+def _load_bpe(spec: str, name: str, workdir: str | None,
+              train_texts: Callable[[], Iterable[str]] | None) -> JsonTokenizer:
+    from experiments.data import bpe
+
+    vocab_size = bpe.parse_spec(spec, name)
+    if workdir is None:
+        raise ValueError(f"{name} = {spec!r} is trained for a run and kept in its folder, but no folder was "
+                         f"given; pass the run's {TOKENIZER_FILE} (<workdir>/{TOKENIZER_FILE}) instead")
+    path = os.path.join(os.path.expanduser(workdir), TOKENIZER_FILE)
+    if not os.path.isfile(path):
+        if train_texts is None:
+            raise ValueError(f"{name} = {spec!r}: {path} does not exist and there is no text to train it on")
+        bpe.train_bpe(train_texts(), vocab_size, path)
+    tokenizer = JsonTokenizer(path, spec)
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"{name} = {spec!r}, but {path} holds a tokenizer of {tokenizer.vocab_size:,} tokens, "
+                         f"more than {vocab_size:,}; use a new workdir, or set {name} to that file")
+    return tokenizer
