@@ -2,6 +2,11 @@
 
 The model's graph definition stays outside the state; the step merges it with the parameters
 inside ``jax.jit``, so the state is a plain pytree that jit can donate and orbax can save.
+
+A packed batch (``experiments.data.packing``) also holds ``cu_seqlens [B, K + 1]`` and
+``loss_mask [B, L]``: each row then runs as one ``B == 1`` packed sequence (``jax.vmap`` over the
+rows, :func:`model_logits`), so positions and recurrent states restart at every document, and the
+loss averages over the targets the mask keeps. Batches without those keys run as before.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -42,9 +48,54 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
 
 
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood ``[B, T]`` in nats (float32)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def masked_cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy over the targets where ``mask [B, T]`` is True (0 if there are none)."""
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(token_nll(logits, targets) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
 def next_token_loss(logits: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """The language-model objective: cross-entropy against ``batch["targets"]``."""
+    """The language-model objective: cross-entropy against ``batch["targets"]``, over the targets
+    ``batch["loss_mask"]`` keeps when the batch is packed (a document's first token is not
+    predicted from the previous document)."""
+    if "loss_mask" in batch:
+        return masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
     return cross_entropy(logits, batch["targets"])
+
+
+def model_logits(model: LanguageModel, batch: dict[str, jax.Array], key: jax.Array | None = None,
+                 ) -> tuple[jax.Array, jax.Array]:
+    """``(logits [B, L, V], aux loss)`` of ``batch["inputs"] [B, L]``, inside ``peft.training(key)``
+    when ``key`` is given.
+
+    With ``batch["cu_seqlens"] [B, K + 1]`` every row runs as one packed sequence
+    (``model(row[None], cu_seqlens=...)`` under ``jax.vmap``, so attention stays per row and the
+    batch axis stays sharded over ``data``); each row's adapters draw from ``key`` folded with the
+    row's index, and the aux loss is the rows' mean.
+    """
+    if "cu_seqlens" not in batch:
+        if key is None:
+            return model(batch["inputs"], return_aux=True)
+        with peft.training(key):
+            return model(batch["inputs"], return_aux=True)
+
+    def row(tokens, cu_seqlens, index):
+        if key is None:
+            logits, aux = model(tokens[None], cu_seqlens=cu_seqlens, return_aux=True)
+        else:
+            with peft.training(jax.random.fold_in(key, index)):
+                logits, aux = model(tokens[None], cu_seqlens=cu_seqlens, return_aux=True)
+        return logits[0], aux
+
+    rows = jnp.arange(batch["inputs"].shape[0])
+    logits, aux = jax.vmap(row)(batch["inputs"], batch["cu_seqlens"], rows)
+    return logits, jnp.mean(aux)
 
 
 Objective = Callable[[jax.Array, dict[str, jax.Array]], jax.Array]
@@ -65,8 +116,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, do
 
     def loss_fn(train_params, frozen, batch, key):
         model = nnx.merge(graphdef, train_params, frozen)
-        with peft.training(key):
-            logits, aux = model(batch["inputs"], return_aux=True)
+        logits, aux = model_logits(model, batch, key)
         loss = objective(logits, batch)
         return loss + aux, (loss, aux)
 
@@ -86,12 +136,16 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, do
 
 
 def make_eval_step(graphdef: nnx.GraphDef):
-    """Returns a jitted ``eval_step(params, batch) -> summed loss (nats)`` over all tokens."""
+    """Returns a jitted ``eval_step(params, batch) -> summed loss (nats)`` over all tokens (over
+    the targets ``batch["loss_mask"]`` keeps, for a packed batch)."""
 
     @jax.jit
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params)
-        return cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["targets"].size
+        if "cu_seqlens" not in batch:
+            return cross_entropy(model(batch["inputs"]), batch["targets"]) * batch["targets"].size
+        logits, _ = model_logits(model, batch)
+        return jnp.sum(token_nll(logits, batch["targets"]) * batch["loss_mask"].astype(jnp.float32))
 
     return eval_step
 
@@ -103,12 +157,19 @@ def evaluate(eval_step, params, batches) -> dict[str, float]:
     UTF-8 bytes of the text those tokens cover: ``batch["target_bytes"]`` where the batches
     carry it (``data.eval_windows`` with a tokenizer's byte counts), else one byte per token.
     So runs with different tokenizers are compared on the same footing; with the byte tokenizer
-    it is the loss divided by ln 2.
+    it is the loss divided by ln 2. Packed batches count only the targets their ``loss_mask``
+    keeps (a document's first token is never predicted), and the bytes those cover.
     """
     total, count, covered = 0.0, 0, 0
     for batch in batches:
-        total += float(eval_step(params, {"inputs": batch["inputs"], "targets": batch["targets"]}))
-        count += batch["targets"].size
-        covered += int(batch["target_bytes"].sum()) if "target_bytes" in batch else batch["targets"].size
-    loss = total / count
+        if "loss_mask" not in batch:
+            total += float(eval_step(params, {"inputs": batch["inputs"], "targets": batch["targets"]}))
+            count += batch["targets"].size
+            covered += int(batch["target_bytes"].sum()) if "target_bytes" in batch else batch["targets"].size
+            continue
+        mask = np.asarray(batch["loss_mask"], bool)
+        total += float(eval_step(params, {k: v for k, v in batch.items() if k != "target_bytes"}))
+        count += int(mask.sum())
+        covered += int(batch["target_bytes"][mask].sum()) if "target_bytes" in batch else int(mask.sum())
+    loss = total / count if count else math.nan
     return {"loss": loss, "bpb": (total / covered if covered else math.nan) / math.log(2)}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from experiments import finetune, guards
 from experiments.checkpoint import Checkpointer, abstract_like, check_compatible, write_config
 from experiments.configs.presets import apply_preset
-from experiments.data import BatchIterator, Tokenizer, eval_windows, load_corpus, load_tokenizer
+from experiments.data import Tokenizer, load_data, load_tokenizer, run_tokenizer, to_device, with_model_vocab
 from experiments.data.tokenizer import BYTE
 from experiments.metrics import MetricsWriter, last_records, plot_loss
 from experiments.optimizers import check_layer_layout, learning_rate_schedule, make_optimizer
@@ -98,8 +98,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     naming the step and the last good checkpoint, and nothing non-finite is saved.
     """
     guards.check_train_config(config)
+    tokenizer = run_tokenizer(config, workdir)         # bpe:N is trained into (or loaded from) the workdir
+    config = with_model_vocab(config, tokenizer)       # model.vocab_size = 0: the tokenizer's vocabulary
     config_dict = config.to_dict()
-    tokenizer = load_tokenizer(config.data.get("tokenizer", "byte"))
     model_cfg = model_config(config.model)
     peft_cfg = finetune.peft_config(config.get("peft"))
     init_from = config.get("init_from", "")
@@ -113,10 +114,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
     check_layer_layout(config.optim, model_cfg.scan_layers)
     d, t = config.data, config.train
 
-    corpus = load_corpus(d.path, d.val_fraction, tokenizer)
+    corpus = load_data(config, tokenizer)              # text, or a prepared folder of token shards
     logging.info("corpus: %s", corpus.describe())
-    batches = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed)
-    val_batches = eval_windows(corpus.val, d.batch_size, d.seq_len, t.eval_batches, corpus.val_bytes)
+    batches = corpus.batches(config.seed)
+    val_batches = corpus.val_batches(t.eval_batches)
 
     tx = make_optimizer(config.optim, t.steps)
     mesh = data_mesh(config.mesh, d.batch_size, d.seq_len)
@@ -128,7 +129,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
             lambda: init_state(model_cfg, tx, config.seed), mesh)
     else:
         # the adapted model is built on the host (data-driven adapters read a few batches), then placed
-        init_data = BatchIterator(corpus.train, d.batch_size, d.seq_len, config.seed + 3)
+        init_data = corpus.batches(config.seed + 3)
         model, fingerprint = finetune.build_model(model_cfg, config.seed, base, peft_cfg, init_data)
         graphdef, state, state_shardings = finetune.create_state(model, tx, config.seed, trainable, mesh)
         if peft_cfg is not None:
@@ -185,7 +186,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, show_progress: bool =
         with stop.installed(), jax.set_mesh(mesh):
             window_start, window_steps = time.perf_counter(), 0
             while step < t.steps and not stop.requested:
-                batch = jax.device_put(next(batches), batch_sharding)
+                batch = to_device(next(batches), batch_sharding)
                 state, metrics = train_step(state, batch)
                 step += 1
                 window_steps += 1

@@ -49,6 +49,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.05       # tail of every document held out for validation
     c.data.seq_len = 256
     c.data.batch_size = 16
+    # data.path may also be a folder from `python -m experiments.prepare_data` (token shards, read
+    # window by window), and data.tokenizer "bpe:N": a byte-level BPE trained on the training split
+    # into <workdir>/tokenizer.json (model.vocab_size = 0 then takes its size). See docs/training.md.
+    c.data.packing = config_dict.placeholder(bool)   # reset at document starts; None: on for token shards only
+    c.data.max_segments = 0          # packed rows: documents with their own segment per row; 0: max(2, seq_len // 256)
+    c.data.prefetch = 2              # token shards: batches grain reads ahead in a background thread; 0: none
 
     # Every models.ModelConfig field is listed, so any of them can be set by flag; `preset`
     # (experiments/configs/presets.py) switches the mixer family, e.g. --config.model.preset=gdn.
