@@ -58,12 +58,13 @@ def scale_by_fira(
     eps_mode: str = "hf",
     moment_policy: str = "keep",
     residual: str = "paper",
-    svd_method: str = "full",
+    svd_method: str = "subspace",
     seed: int = 0,
     dimension_numbers=None,
     moments_8bit: bool = False,
 ) -> optax.GradientTransformation:
-    """Fira scaling (see module docstring)."""
+    """Fira scaling (see module docstring); ``svd_method`` as in :func:`optim.scale_by_galore`
+    (default ``'subspace'``)."""
     check_common(rank, update_proj_gap, proj_side, moment_policy, eps_mode, b1, b2, eps)
     _core.check_float("scale", scale, lo=0.0)
     _core.check_float("norm_growth_limit", norm_growth_limit, lo=1.0)
@@ -103,7 +104,7 @@ def fira(
     eps_mode: str = "hf",
     moment_policy: str = "keep",
     residual: str = "paper",
-    svd_method: str = "full",
+    svd_method: str = "subspace",
     seed: int = 0,
     dimension_numbers=None,
     moments_8bit: bool = False,

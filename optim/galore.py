@@ -3,7 +3,8 @@
 Per projected matrix ``G`` (``m × n``), rank ``r``, gap ``T``, scale ``α``:
 
 * steps ``0, T, 2T, ...``: ``Q`` = top-``r`` singular vectors (float32 SVD,
-  sign-canonicalised) of the projected side — ``proj_side='std'`` projects the
+  sign-canonicalised; after the first refresh, by default, two steps of subspace
+  iteration from the previous ``Q``) of the projected side — ``proj_side='std'`` projects the
   smaller dimension (the GaLore authors' default), ``'reverse_std'`` the larger
   (``optax.contrib.galore``), ``'left'``/``'right'`` force it;
 * ``R = QᵀG`` or ``G Q``; Adam moments on ``R``; ``N`` = Adam direction;
@@ -75,7 +76,7 @@ def scale_by_galore(
     eps: float = 1e-6,
     eps_mode: str = "hf",
     moment_policy: str = "keep",
-    svd_method: str = "full",
+    svd_method: str = "subspace",
     seed: int = 0,
     dimension_numbers=None,
     moments_8bit: bool = False,
@@ -85,8 +86,9 @@ def scale_by_galore(
     Returns the *un-negated* direction ``α · Q N``; chain with
     ``scale_by_learning_rate``. ``svd_method='randomized'`` uses a randomized
     SVD seeded from ``seed``, the leaf index and the refresh index;
-    ``svd_method='subspace'`` refines the previous projector by two steps of
-    subspace iteration (the full SVD at the first refresh).  ``moments_8bit=True``
+    ``svd_method='subspace'`` (the default) refines the previous projector by two
+    steps of subspace iteration (the full SVD at the first refresh), and
+    ``svd_method='full'`` takes the exact SVD at every refresh, as the paper does.  ``moments_8bit=True``
     stores the moments block-wise in 8 bits (:mod:`optim.quantized`; the aliases
     apply it to their Adam branch too); the other low-rank methods take it as well.
     """
@@ -120,7 +122,7 @@ def galore(
     weight_decay_mask: Any = None,
     eps_mode: str = "hf",
     moment_policy: str = "keep",
-    svd_method: str = "full",
+    svd_method: str = "subspace",
     seed: int = 0,
     dimension_numbers=None,
     moments_8bit: bool = False,

@@ -159,7 +159,7 @@ def owlore(learning_rate: optax.ScalarOrSchedule, *, num_active: int = 5, interv
            update_proj_gap: int = 100, scale: float = 1.0, tau: float = 13.0, activation_norms: Any = None,
            input_axis: int = 0, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
            weight_decay: float = 0.0, seed: int = 0, layer_of: LayerOf = default_layer_of,
-           proj_side: str = "std", svd_method: str = "full", moment_policy: str = "keep", eps_mode: str = "hf",
+           proj_side: str = "std", svd_method: str = "subspace", moment_policy: str = "keep", eps_mode: str = "hf",
            moments_8bit: bool = False, projection_mask: Any = None,
            weight_decay_mask: Any = None) -> optax.GradientTransformation:
     """OwLore (see the module docstring; ``--config.optim.name=owlore``).
