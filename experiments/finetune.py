@@ -176,7 +176,7 @@ def restore_adapted(workdir: str, step: int | None = None) -> tuple[nnx.Module, 
     """The adapted model of adapter run ``workdir`` at checkpoint ``step`` (default the newest):
     its base from ``init_from`` (checked against the recorded fingerprint), its adapters from
     the checkpoint. Returns ``(model, run config, step, data position)``."""
-    from experiments.data import BatchIterator, load_corpus, load_tokenizer
+    from experiments.data import load_data, run_tokenizer
 
     saved = read_run_config(workdir)
     config = ml_collections.ConfigDict(saved)
@@ -189,9 +189,7 @@ def restore_adapted(workdir: str, step: int | None = None) -> tuple[nnx.Module, 
     base = load_base(init_from, model_cfg) if init_from else None
     init_data = None
     if peft.METHODS[peft_cfg.method].needs_data:
-        corpus = load_corpus(config.data.path, config.data.val_fraction,
-                             load_tokenizer(config.data.get("tokenizer", "byte")))
-        init_data = BatchIterator(corpus.train, config.data.batch_size, config.data.seq_len, config.seed + 3)
+        init_data = load_data(config, run_tokenizer(config, workdir)).batches(config.seed + 3)   # as the trainer
     model, fingerprint = build_model(model_cfg, config.seed, base, peft_cfg, init_data)
     checkpointer = Checkpointer(workdir, create=False)
     try:

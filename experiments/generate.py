@@ -157,7 +157,8 @@ def resolve_tokenizer(loaded: LoadedModel, spec: str | None = None, model_path: 
         raise ValueError(f"--model = {model_path!r} has no {TOKENIZER_FILE}; pass --tokenizer=PATH "
                          f"(a {TOKENIZER_FILE} or a folder holding one)")
     try:
-        return load_tokenizer(loaded.tokenizer, name="the run's data.tokenizer")
+        # a bpe:N run keeps its tokenizer.json in its folder
+        return load_tokenizer(loaded.tokenizer, name="the run's data.tokenizer", workdir=model_path or None)
     except ValueError as e:
         raise ValueError(f"{e}; pass --tokenizer=PATH to use another") from e
 

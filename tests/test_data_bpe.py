@@ -105,3 +105,7 @@ def test_a_bpe_run_trains_resumes_and_reports_bits_per_byte(text_folder, tmp_pat
     monkeypatch.setattr(bpe, "train_bpe", lambda *a, **k: pytest.fail("retrained on resume"))
     c.train.steps = 4
     assert train(c, str(tmp_path), show_progress=False)["step"] == 4
+
+    from experiments.generate import load_model, resolve_tokenizer          # generation finds the run's BPE
+    tokenizer = resolve_tokenizer(load_model(str(tmp_path)), None, str(tmp_path))
+    assert isinstance(tokenizer, JsonTokenizer) and tokenizer.vocab_size == 320
