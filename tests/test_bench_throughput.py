@@ -66,10 +66,12 @@ def test_linear_and_delta_mixer_flops_by_hand():
     assert gla["mixer"] == 3 * layers * H * (C * (K // 2 + V) + 4 * (K // 2) * V)     # gla_expand_k = 0.5
 
 
-@pytest.mark.parametrize("pattern", ["E", "G", "D", "R", "L", "S", "W", "EEES"])
-def test_weight_formulas_match_the_models(pattern):
+@pytest.mark.parametrize("pattern, options", [("E", {}), ("G", {}), ("D", {}), ("R", {}), ("L", {}), ("S", {}),
+                                              ("W", {}), ("EEES", {}), ("N", {}), ("E", {"gdn_use_gate": False}),
+                                              ("R", {"retnet_expand_v": 2})])
+def test_weight_formulas_match_the_models(pattern, options):
     """Every dense kernel and short-conv tap of the model, counted from its parameter tree."""
-    cfg = ModelConfig(pattern=pattern, **{**TINY, "num_layers": 4})
+    cfg = ModelConfig(pattern=pattern, **{**TINY, "num_layers": 4, **options})
     sizes = _param_sizes(cfg)
     weights = sum(n for p, n in sizes.items() if p.endswith("kernel") or "_conv/" in p)
     assert flops.matmul_weight_count(cfg) == weights

@@ -59,7 +59,8 @@ def mixer_weight_count(cfg: ModelConfig, kind: str) -> int:
     if kind == "linear_attn":
         return 4 * d * h * dh                                             # q, k, v, o
     if kind in ("retnet", "lightning"):
-        return 5 * d * h * dh                                             # q, k, v, output gate g, o
+        e = cfg.retnet_expand_v if kind == "retnet" else 1
+        return 2 * d * h * dh + 3 * d * h * dh * e                        # q, k; v, output gate, o (x expand_v)
     if kind == "gla":
         dk = int(cfg.gla_expand_k * dh)
         r = cfg.gla_gate_rank
@@ -72,8 +73,9 @@ def mixer_weight_count(cfg: ModelConfig, kind: str) -> int:
         hv = cfg.gdn_num_v_heads or h
         dv = dh * cfg.gdn_expand_v
         conv = cfg.conv_size * (2 * h * dh + hv * dv)
-        # q, k; v, output gate g, o at hv * dv; the decay a and the step beta per value head
-        return 2 * d * h * dh + 3 * d * hv * dv + 2 * d * hv + conv
+        gate = d * hv * dv if cfg.gdn_use_gate else 0
+        # q, k; v, o (and the output gate g) at hv * dv; the decay a and the step beta per value head
+        return 2 * d * h * dh + 2 * d * hv * dv + gate + 2 * d * hv + conv
     raise _unsupported(kind)
 
 
