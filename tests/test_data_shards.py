@@ -81,6 +81,9 @@ def test_bpe_shards_are_deterministic_and_cover_the_text(texts, bpe_shards, tmp_
     assert (stream[ends] == 0).all() and (stream == 0).sum() == train.documents    # one eos per document
     first = tok.decode(stream[:ends[0]])
     assert first and "\n\n" not in first and first in (texts / "0.txt").read_text(encoding="utf-8")
+    # the training split's size in bytes is the documents' text, not its token count
+    text = sum(len(tok.decode(stream[a + 1:b]).encode()) for a, b in zip(np.append(-1, ends[:-1]), ends))
+    assert train.text_bytes > train.tokens and abs(train.text_bytes - text) <= 0.01 * text
     val = SplitReader(str(bpe_shards), index["splits"]["val"], index["dtype"])
     covered = val.read_bytes(0, val.tokens)
     assert covered.sum() == val.text_bytes and covered[val.read(0, val.tokens) == 0].sum() == 0

@@ -17,8 +17,11 @@ to an inline LM on a synthetic stream if those are missing), equal steps and
 batches for every optimizer, constant learning rate swept over ``--lrs``;
 train/validation loss table and a plot.
 
-    .venv/bin/python experiments/bench/optim_step.py --part all --layers 2 \
-        --out docs/results/optim_step.json --plot docs/results/optim_lm.png
+    .venv/bin/python -m experiments.bench.optim_step --part all --layers 2 --lrs 0.001,0.003,0.01,0.03 \
+        --out docs/results/optim_step.json --plot docs/results/optim_lm.png --markdown docs/results/optim_step.md
+
+(``-m`` imports ``experiments`` first, which keeps OpenBLAS single-threaded: see
+``experiments/__init__.py``.)  Without ``--out`` the results go to ``runs/bench/``.
 """
 
 from __future__ import annotations
@@ -103,14 +106,16 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
         "owlore (1 layer)": optim.owlore(1e-2, num_active=1, interval=gap, rank=128, update_proj_gap=gap, tau=3.0),
         "adam_hf": optax.chain(optim.scale_by_adam(), optax.add_decayed_weights(1e-4),
                                optax.scale_by_learning_rate(1e-2)),
-        "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),
-        "galore (subspace)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="subspace"),
-        "galore (8-bit moments)": optim.galore(1e-2, rank=128, update_proj_gap=gap, moments_8bit=True),
+        "galore (full SVD)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="full"),
+        "galore": optim.galore(1e-2, rank=128, update_proj_gap=gap),     # warm-started subspace iteration
+        "galore (full SVD, 8-bit moments)": optim.galore(1e-2, rank=128, update_proj_gap=gap, svd_method="full",
+                                                         moments_8bit=True),
         "optax.contrib.galore": optax.contrib.galore(1e-2, rank=128, update_proj_gap=gap),
         "apollo": optim.apollo(1e-2, rank=128, update_proj_gap=gap),
         "apollo (cached projector)": optim.apollo(1e-2, rank=128, update_proj_gap=gap, cache_projector=True),
         "projections only (rank 128)": projection_floor(128),
         "apollo_mini": optim.apollo_mini(1e-2, update_proj_gap=gap),
+        "fira (full SVD)": optim.fira(1e-2, rank=128, update_proj_gap=gap, svd_method="full"),
         "fira": optim.fira(1e-2, rank=128, update_proj_gap=gap),
         "frugal": optim.frugal(1e-2, density=0.25, update_proj_gap=gap),
     }
@@ -150,7 +155,7 @@ def step_times(layers, reps, gap=200, refresh_reps=2):
         r["ordinary_vs_adamw"] = r["ordinary_s"] / base
         r["amortised_vs_adamw"] = ((gap - 1) * r["ordinary_s"] + r["refresh_s"]) / gap / base
     res["galore_vs_optax_contrib"] = {
-        k: res["galore"][k] / res["optax.contrib.galore"][k] for k in ("refresh_s", "ordinary_s")}
+        k: res["galore (full SVD)"][k] / res["optax.contrib.galore"][k] for k in ("refresh_s", "ordinary_s")}
     return res
 
 
@@ -223,15 +228,17 @@ def lm_methods(rank, gap):
     """name -> (constructor, keywords, static keywords for ``optax.inject_hyperparams``)."""
     return {
         "adamw": (optim.adamw, dict(weight_decay=0.0), ()),   # no weight decay, like the others
-        "galore": (optim.galore, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
+        "galore (full SVD)": (optim.galore, dict(rank=rank, update_proj_gap=gap, svd_method="full"),
+                              ("rank", "update_proj_gap", "svd_method")),
         "apollo": (optim.apollo, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
         "apollo_mini": (optim.apollo_mini, dict(update_proj_gap=gap), ("rank", "update_proj_gap")),
-        "fira": (optim.fira, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
-        "galore (subspace)": (optim.galore, dict(rank=rank, update_proj_gap=gap, svd_method="subspace"),
-                              ("rank", "update_proj_gap", "svd_method")),
+        "fira (full SVD)": (optim.fira, dict(rank=rank, update_proj_gap=gap, svd_method="full"),
+                            ("rank", "update_proj_gap", "svd_method")),
+        "galore": (optim.galore, dict(rank=rank, update_proj_gap=gap), ("rank", "update_proj_gap")),
         "adamw_8bit": (optim.adamw_8bit, dict(weight_decay=0.0), ("block_size", "min_size")),
-        "galore (8-bit moments)": (optim.galore, dict(rank=rank, update_proj_gap=gap, moments_8bit=True),
-                                   ("rank", "update_proj_gap")),
+        "galore (full SVD, 8-bit moments)": (
+            optim.galore, dict(rank=rank, update_proj_gap=gap, svd_method="full", moments_8bit=True),
+            ("rank", "update_proj_gap", "svd_method")),
         "lisa_adamw (1 of 2 layers)": (optim.lisa_adamw, dict(weight_decay=0.0, num_active=1, interval=gap),
                                        ("num_active", "interval", "seed")),
         # a model trained from scratch has no outliers at OwLore's tau = 13 (a fine-tuning default)
@@ -326,7 +333,7 @@ def markdown(res) -> str:
                        f"| {r['refresh_vs_adamw']:.1f} | {r['ordinary_vs_adamw']:.2f} "
                        f"| {r['amortised_vs_adamw']:.2f} |")
         g = st["galore_vs_optax_contrib"]
-        out += ["", f"GaLore (ours, `std` side) / `optax.contrib.galore` (`reverse_std`): refresh "
+        out += ["", f"GaLore (ours, full SVD, `std` side) / `optax.contrib.galore` (`reverse_std`): refresh "
                 f"{g['refresh_s']:.2f}x, ordinary {g['ordinary_s']:.2f}x."]
     if "lm" in res:
         lm = res["lm"]
@@ -361,8 +368,8 @@ def main():
     ap.add_argument("--lm-rank", type=int, default=16)
     ap.add_argument("--lrs", default="0.003,0.01,0.03")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the LM comparison")
-    ap.add_argument("--out", default="docs/results/optim_step.json")
-    ap.add_argument("--plot", default="docs/results/optim_lm.png")
+    ap.add_argument("--out", default="runs/bench/optim_step.json")
+    ap.add_argument("--plot", default="runs/bench/optim_lm.png")
     ap.add_argument("--markdown", default=None, help="also write the tables to this file")
     ap.add_argument("--merge", default=None,
                     help="JSON of an earlier run whose parts not re-run here are kept")
@@ -381,6 +388,8 @@ def main():
         for k in ("step", "lm"):
             if k not in res and k in old:
                 res[k] = old[k]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     md = markdown(res)

@@ -151,11 +151,11 @@ def prepare(inputs: str, tokenizer: str, out: str, val_fraction: float = 0.05,
             for split, part in zip(("train", "val"), split_file(data, val_fraction, whole_characters=not by_bytes)):
                 writer = writers[split]
                 for batch in _batches(split_documents(part, splitter)):
-                    for ids, counts in _encode(tok, batch, writer.with_bytes):
+                    for doc, (ids, counts) in zip(batch, _encode(tok, batch, writer.with_bytes)):
                         if eos_id is not None:
                             ids = np.append(ids, eos_id)
                             counts = None if counts is None else np.append(counts, 0)
-                        writer.add(ids, counts)
+                        writer.add(ids, counts, text_bytes=len(doc))
                     bar.update(sum(len(d) for d in batch))
                     shown += sum(len(d) for d in batch)
             bar.update(len(data) - shown)   # the separators

@@ -111,8 +111,9 @@ class SplitWriter:
                 f.close()
         self._file = self._bytes = None
 
-    def add(self, tokens: np.ndarray, token_bytes: np.ndarray | None = None) -> None:
-        """Appends one document (nothing for an empty one)."""
+    def add(self, tokens: np.ndarray, token_bytes: np.ndarray | None = None, text_bytes: int | None = None) -> None:
+        """Appends one document (nothing for an empty one); ``text_bytes``, the document's size in
+        bytes, counts towards the split's text bytes when ``token_bytes`` is not given."""
         tokens = np.asarray(tokens)
         if tokens.size == 0:
             return
@@ -128,6 +129,8 @@ class SplitWriter:
         self.tokens += tokens.size
         if token_bytes is not None:
             self.text_bytes += int(np.sum(token_bytes))
+        elif text_bytes is not None:
+            self.text_bytes += int(text_bytes)
         if self._pending_tokens >= self.FLUSH_TOKENS:
             self._flush()
 
@@ -159,7 +162,7 @@ class SplitWriter:
         self._docs.close()
         return {"tokens": self.tokens, "documents": self._documents, "shards": self.shards,
                 "docs_file": f"{self.split}.docs", "bytes_files": self.bytes_files if self.with_bytes else None,
-                "text_bytes": self.text_bytes if self.with_bytes else self.tokens}
+                "text_bytes": self.text_bytes or self.tokens}
 
 
 class _File:
