@@ -179,7 +179,7 @@ class ShardData:
                 f"{v.tokens:,} validation tokens ({v.text_bytes:,} bytes)")
         if self.packing:
             per_row = self.d.seq_len * t.documents / max(t.tokens, 1)
-            text += f"; packed, {self.max_segments} segments per row (~{per_row:.1f} documents per row)"
+            text += f"; packed, {self.max_segments} segments per row (~{per_row:.2g} documents per row)"
         return text
 
     def batches(self, seed: int) -> ShardBatches:
