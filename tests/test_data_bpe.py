@@ -106,6 +106,7 @@ def test_a_bpe_run_trains_resumes_and_reports_bits_per_byte(text_folder, tmp_pat
     c.train.steps = 4
     assert train(c, str(tmp_path), show_progress=False)["step"] == 4
 
-    from experiments.generate import load_model, resolve_tokenizer          # generation finds the run's BPE
+    # generation finds the run's BPE in the run folder
+    from experiments.generate import load_model, resolve_tokenizer
     tokenizer = resolve_tokenizer(load_model(str(tmp_path)), None, str(tmp_path))
     assert isinstance(tokenizer, JsonTokenizer) and tokenizer.vocab_size == 320
