@@ -2,7 +2,6 @@
 ``g_proj``); hand computations of the output path, decoding against the full forward, config
 errors, and the MQAR sweep's per-mixer settings."""
 
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 from test_models import assert_chunk_equals_prefill_then_steps, tiny_config
+from test_models_retnet_lightning import run_and_capture_o
 
 from lolax.models import LanguageModel, ModelConfig, count_params
 from lolax.models.layers import rms_normalize
@@ -20,26 +20,6 @@ X = jax.random.normal(jax.random.key(1), (2, 7, 16), jnp.float32)
 
 def gdn(**kw) -> GatedDeltaNet:
     return GatedDeltaNet(tiny_config("E", **kw), nnx.Rngs(0))
-
-
-def run_and_capture_o(layer: GatedDeltaNet, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The layer's output and the recurrence's output ``o [B, T, HV, V]`` before the norm."""
-    original = GatedDeltaNet._output
-    graphdef, state = nnx.split(layer)
-
-    @jax.jit
-    def run(state, x):
-        seen = {}
-
-        def spy(self, o, x, extras):
-            seen["o"] = o
-            return original(self, o, x, extras)
-
-        with mock.patch.object(GatedDeltaNet, "_output", spy):
-            y = nnx.merge(graphdef, state)(x)
-        return y, seen["o"]
-
-    return run(state, x)
 
 
 def normed(layer: GatedDeltaNet, o: jax.Array) -> jax.Array:

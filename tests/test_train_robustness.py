@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from tensorboardX.proto import event_pb2
+from test_train import tiny_config as train_config
 
 from experiments import guards
 from experiments.configs.lm_shakespeare import get_config
@@ -25,15 +26,10 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 def tiny_config(data_path, steps=10):
-    c = get_config()
-    c.data.path = str(data_path)
-    c.data.seq_len, c.data.batch_size = 32, 8
-    c.model.d_model, c.model.num_layers, c.model.pattern = 32, 2, "LS"
-    c.model.num_heads, c.model.chunk_size = 2, 16
-    c.optim.learning_rate, c.optim.warmup_steps = 1e-2, 2
-    c.train.steps, c.train.log_every, c.train.eval_every = steps, 1, 10
-    c.train.eval_batches, c.train.checkpoint_every, c.train.sample_tokens = 1, 5, 0
-    c.mesh.data = 1
+    """test_train's tiny run, shorter: evaluated at step 10, checkpoints every 5 steps."""
+    c = train_config(data_path, steps)
+    c.optim.warmup_steps = 2
+    c.train.eval_every, c.train.eval_batches, c.train.checkpoint_every = 10, 1, 5
     return c
 
 
