@@ -9,7 +9,8 @@ and one jitted AdamW step on the same matrix, in three set-ups:
 * ``OPENBLAS_NUM_THREADS=1``: the LAPACK behind JAX's CPU SVD (OpenBLAS) limited to one thread.
 
 and two conditions: ``idle`` (nothing else started by the script) and ``busy`` (``--hogs``
-processes spinning on the CPU meanwhile, as a parallel test run or another job would).  The
+other processes multiplying matrices with NumPy meanwhile, OpenBLAS threads at their default,
+as a parallel test run or a second job would).  The
 set-ups are interleaved, ``--rounds`` times.
 
     python -m experiments.bench.svd_contention --out docs/results     # about 2 minutes
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
@@ -49,9 +49,9 @@ print(json.dumps({{"svd": timed(svd, a), "adamw": timed(step, a, state, a)}}))
 """
 
 
-def _spin(stop):
-    while not stop.is_set():
-        pass
+# another job on the machine: NumPy matrix products with OpenBLAS's default threads, as a test
+# worker or a second training process would run
+_HOG = "import numpy as np\na = np.random.rand(768, 768)\nwhile True:\n    a @ a\n"
 
 
 def measure(setup: dict, reps: int) -> dict:
@@ -64,11 +64,10 @@ def measure(setup: dict, reps: int) -> dict:
 
 def run(reps: int, rounds: int, hogs: int) -> dict:
     res = {cond: {name: {"svd": [], "adamw": []} for name in SETUPS} for cond in ("idle", "busy")}
+    hog_env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
     for cond in ("idle", "busy"):
-        stop = multiprocessing.Event()
-        procs = [multiprocessing.Process(target=_spin, args=(stop,)) for _ in range(hogs if cond == "busy" else 0)]
-        for p in procs:
-            p.start()
+        procs = [subprocess.Popen([sys.executable, "-c", _HOG], env=hog_env)
+                 for _ in range(hogs if cond == "busy" else 0)]
         try:
             for _ in range(rounds):
                 for name, setup in SETUPS.items():
@@ -77,9 +76,9 @@ def run(reps: int, rounds: int, hogs: int) -> dict:
                         res[cond][name][k].append(r[k])
                     print(cond, name, r, flush=True)
         finally:
-            stop.set()
             for p in procs:
-                p.join()
+                p.kill()
+                p.wait()
     summary = {cond: {name: {k: {"min_ms": 1e3 * min(v[0] for v in runs[k]),
                                  "median_ms": 1e3 * sorted(v[1] for v in runs[k])[len(runs[k]) // 2]}
                              for k in runs} for name, runs in by.items()} for cond, by in res.items()}
@@ -90,8 +89,8 @@ def run(reps: int, rounds: int, hogs: int) -> dict:
 
 def markdown(r: dict) -> str:
     lines = [f"Top-128 SVD of a 512 x 1376 float32 matrix and one AdamW step on it, {r['cores']} cores; "
-             f"'busy' = {r['hogs']} spinning processes beside it. Minimum (median) over {r['rounds']} rounds "
-             f"of {r['reps']} runs, in ms.", "",
+             f"'busy' = {r['hogs']} processes multiplying matrices (NumPy, OpenBLAS's default threads) "
+             f"beside it. Minimum (median) over {r['rounds']} rounds of {r['reps']} runs, in ms.", "",
              "| set-up | SVD idle | SVD busy | AdamW idle | AdamW busy |", "|---|---|---|---|---|"]
     s = r["summary"]
     for name in SETUPS:
@@ -123,10 +122,10 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--hogs", type=int, default=0, help="spinning processes in 'busy'; 0 = 2 x the cores")
+    ap.add_argument("--hogs", type=int, default=2, help="matrix-multiplying processes beside it in 'busy'")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    r = run(args.reps, args.rounds, args.hogs or 2 * len(os.sched_getaffinity(0)))
+    r = run(args.reps, args.rounds, args.hogs)
     with open(os.path.join(args.out, "svd_contention.json"), "w") as f:
         json.dump(r, f, indent=1)
     with open(os.path.join(args.out, "svd_contention.md"), "w") as f:
