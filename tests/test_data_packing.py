@@ -181,3 +181,10 @@ def test_packed_step_on_eight_data_parallel_devices_equals_one():
         results.append(metrics)
     np.testing.assert_allclose(results[1]["loss"], results[0]["loss"], rtol=1e-5)
     np.testing.assert_allclose(results[1]["grad_norm"], results[0]["grad_norm"], rtol=1e-4)
+
+
+def test_a_warning_when_rows_hold_more_documents_than_segments(capsys):
+    from experiments.data.pipeline import warn_if_segments_short
+    assert not warn_if_segments_short(0.5, 2) and capsys.readouterr().out == ""
+    assert warn_if_segments_short(2.4, 2)
+    assert "--config.data.max_segments=5" in capsys.readouterr().out

@@ -209,8 +209,24 @@ def load_data(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> TextDa
     sequence = int(mesh.get("sequence", 1)) if mesh is not None else 1
     packing, max_segments = packing_settings(d, prepared, sequence)
     if prepared:
-        return ShardData(os.path.expanduser(d.path), d, packing, max_segments)
+        data = ShardData(os.path.expanduser(d.path), d, packing, max_segments)
+        if packing:
+            warn_if_segments_short(d.seq_len * data.train.documents / max(data.train.tokens, 1), max_segments)
+        return data
     return TextData(load_corpus(d.path, d.val_fraction, tokenizer), d, packing, max_segments)
+
+
+def warn_if_segments_short(documents_per_row: float, max_segments: int) -> bool:
+    """Prints a warning (and returns True) when rows hold on average more documents than their
+    ``max_segments`` segments can separate: the documents past the last kept boundary share a
+    segment, so states carry across them."""
+    if documents_per_row + 1 <= max_segments:
+        return False
+    wanted = int(np.ceil(documents_per_row)) + 2
+    print(f"warning: rows hold ~{documents_per_row:.2g} documents on average, more than data.max_segments = "
+          f"{max_segments} segments can separate, so some documents share a segment and states carry across "
+          f"them; set --config.data.max_segments={wanted} to reset at (nearly) every start, at some cost in speed")
+    return True
 
 
 def to_device(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
