@@ -5,12 +5,13 @@ r"""MQAR: recall accuracy against decode-state size for every mixer (the Zoology
     python -m experiments.mqar --full               # the paper's sizes (V=8192, L up to 256)
     python -m experiments.mqar --conv_hybrid --d_models=64  # a BaseConv layer before every mixer layer
     python -m experiments.mqar --mixers=gdn,transformer --d_models=64 --steps=500
+    python -m experiments.mqar --learning_rates=1e-3,3e-3,1e-2 --seeds=0,1,2   # the protocol: best lr by mean
 
 Each mixer preset is trained at several widths; the x-axis is the number of floats the model keeps
 per sequence for decoding (recurrent states and KV caches, see
-``experiments.tasks.runner.decode_state_size``). Writes ``OUT/mqar.json`` and ``OUT/mqar.png``;
-``--out`` is ``runs/mqar`` unless given, so only an explicit ``--out=docs/results`` replaces the
-committed files.
+``experiments.tasks.runner.decode_state_size``). Writes ``OUT/mqar.json``, ``OUT/mqar.md`` (mean
+± spread over the seeds) and ``OUT/mqar.png``; ``--out`` is ``runs/mqar`` unless given, so only an
+explicit ``--out=docs/results`` replaces the committed files.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments.tasks.report import line_plot, write_results
-from experiments.tasks.sweeps import mqar_sweep
+from experiments.tasks.sweeps import mqar_markdown, mqar_sweep
 
 MIXERS = flags.DEFINE_list("mixers", ["linear_attn", "based", "retnet", "gla", "deltanet", "gdn", "transformer"],
                            "Model presets (experiments/configs/presets.py) to compare, or the variants of "
@@ -40,6 +41,8 @@ CONV = flags.DEFINE_integer("conv_size", None, "Short-convolution size for the p
 CONV_HYBRID = flags.DEFINE_bool("conv_hybrid", False, "Put a BaseConv layer (conv_size taps) before every mixer "
                                 "layer, as Zoology does for every architecture (on by default with --full).")
 SEED = flags.DEFINE_integer("seed", 0, "Seed for data and initialisation.")
+SEEDS = flags.DEFINE_list("seeds", None, "Seeds to repeat every run with (mean and spread reported, the learning "
+                          "rate chosen by the mean); default: --seed alone.")
 FULL = flags.DEFINE_bool("full", False, "Paper sizes: V=8192, (L, D) = (64,4), (128,8), (256,16); "
                          "batch 256, lr sweep over logspace(-3, -1.5, 4).")
 OUT = flags.DEFINE_string("out", "runs/mqar", "Output folder for mqar.json and mqar.png (--out=docs/results "
@@ -59,10 +62,13 @@ def main(argv):
         overrides["conv_size"] = CONV.value
     if CONV_HYBRID.value or (FULL.value and not flags.FLAGS["conv_hybrid"].present):
         overrides["conv_hybrid"] = True
+    seeds = [int(x) for x in SEEDS.value] if SEEDS.value else [SEED.value]
     rows = mqar_sweep(MIXERS.value, [int(d) for d in D_MODELS.value], vocab, settings, STEPS.value, batch, lrs,
-                     TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value, **overrides)
+                      TRAIN_EXAMPLES.value, TEST_EXAMPLES.value, SEED.value, seeds=seeds, **overrides)
     write_results(OUT.value, "mqar", "experiments.mqar", {"vocab_size": vocab, "settings": settings,
-                                                            "model_overrides": overrides, "rows": rows})
+                                                            "model_overrides": overrides, "seeds": seeds, "rows": rows})
+    with open(f"{OUT.value}/mqar.md", "w") as f:
+        f.write(mqar_markdown(rows))
     for seq_len, pairs in settings:
         series = {}
         for mixer in MIXERS.value:

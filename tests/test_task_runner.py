@@ -10,7 +10,7 @@ import pytest
 
 from experiments.tasks import IGNORE
 from experiments.tasks.runner import decode_state_size, masked_loss_and_accuracy, task_model_config, train_on_task
-from experiments.tasks.sweeps import mqar_sweep, state_tracking_sweep
+from experiments.tasks.sweeps import mqar_markdown, mqar_sweep, state_tracking_sweep
 
 
 def test_masked_loss_and_accuracy_ignore_positions():
@@ -56,6 +56,15 @@ def test_sweep_functions_return_one_row_per_run():
     rows = mqar_sweep(["swa"], [16], 64, [(16, 2)], steps=1, batch=4, lrs=[1e-3], train_examples=16,
                       test_examples=8, seed=0, log=lambda s: None, window=4)
     assert rows[0]["state_size"] == 2 * 2 * 4 * 16                    # the override shrank the preset's window
+    # seeds: every rate runs once per seed, the row keeps the rate with the best mean and its spread
+    rows = mqar_sweep(["linear_attn"], [16], 64, [(16, 2)], steps=2, batch=4, lrs=[1e-3, 1e-2], train_examples=16,
+                      test_examples=8, seed=0, log=lambda s: None, seeds=[0, 1])
+    (row,) = rows
+    assert row["seeds"] == [0, 1] and len(row["accuracies"]) == 2 and set(row["by_lr"]) == {"0.001", "0.01"}
+    assert row["by_lr"][str(row["learning_rate"])] == max(row["by_lr"].values())
+    assert row["accuracy"] == pytest.approx(np.mean(row["accuracies"]))
+    assert row["accuracy_std"] == pytest.approx(np.std(row["accuracies"]))
+    assert "| 16 | linear_attn | 16 |" in mqar_markdown(rows)
     rows = state_tracking_sweep(["parity"], ["deltanet_neg"], 8, [8, 12], 16, 1, steps=3, batch=4, lr=1e-3,
                               seeds=[0], test_examples=8, log=lambda s: None)
     assert [r["length"] for r in rows] == [8, 12] and all(-1 <= r["normalized"] <= 1 for r in rows)
@@ -64,8 +73,8 @@ def test_sweep_functions_return_one_row_per_run():
 SCRIPT_RUNS = {
     "mqar": (["--mixers=linear_attn,based", "--d_models=16", "--vocab_size=32", "--seq_len=16", "--num_pairs=2",
               "--train_examples=16", "--test_examples=8", "--steps=2", "--batch_size=4", "--conv_size=3",
-              "--conv_hybrid"],
-             ["mqar.png"]),
+              "--conv_hybrid", "--seeds=0,1"],
+             ["mqar.png", "mqar.md"]),
     "state_tracking": (["--tasks=parity", "--mixers=deltanet_neg", "--train_length=8", "--test_lengths=8,12",
                         "--d_model=16", "--steps=2", "--batch_size=4", "--test_examples=8"],
                        ["state_tracking_parity.png"]),

@@ -25,44 +25,69 @@ def mqar_mixer(name: str) -> tuple[str, dict]:
 
 
 def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print,
-               **model_overrides):
+               seeds=None, **model_overrides):
     """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows.
 
     Each mixer name is a preset or a key of ``MQAR_MIXER_SPECS`` (a preset with its paper's
     settings, or a variant); ``model_overrides`` (for example ``window=16``) then replace those
-    values in every model.
+    values in every model.  Every learning rate of ``lrs`` runs once per seed of ``seeds``
+    (default ``[seed]``; a seed draws the data, its order and the initialisation); a row keeps
+    the rate with the best mean test accuracy over the seeds and reports that mean, its standard
+    deviation and each seed's accuracy (``accuracies``), plus every rate's mean (``by_lr``).
     """
+    seeds = [seed] if seeds is None else list(seeds)
+    results = {}            # (seq_len, mixer, d, lr) -> per-seed results
+    configs = {}
+    for s in seeds:
+        for seq_len, pairs in settings:
+            train = generate_mqar(train_examples, vocab, seq_len, pairs, seed=s)
+            test = generate_mqar(test_examples, vocab, seq_len, pairs, seed=s + 10_000)
+            order = np.random.default_rng(s).permutation(train_examples)
+
+            def sample(i, train=train, order=order):
+                idx = order[(np.arange(batch) + i * batch) % train_examples]
+                return {k: v[idx] for k, v in train.items()}
+
+            for mixer in mixers:
+                for d in d_models:
+                    preset, settings_of_mixer = mqar_mixer(mixer)
+                    cfg = task_model_config(preset, vocab, d, num_layers=2, num_heads=2,
+                                            **{**settings_of_mixer, **model_overrides})
+                    configs[(seq_len, pairs, mixer, d)] = cfg
+                    for lr in lrs:
+                        result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=s,
+                                               stop_accuracy=0.99, eval_every=max(steps // 5, 1))
+                        results.setdefault((seq_len, pairs, mixer, d, lr), []).append(result)
+                        log(f"seed {s} L={seq_len} D={pairs} {mixer:12s} d={d:4d} lr {lr:g} "
+                            f"acc={result.accuracy['test']:.3f} ({result.seconds:.0f}s)")
     rows = []
-    for seq_len, pairs in settings:
-        train = generate_mqar(train_examples, vocab, seq_len, pairs, seed=seed)
-        test = generate_mqar(test_examples, vocab, seq_len, pairs, seed=seed + 10_000)
-        rng = np.random.default_rng(seed)
-        order = rng.permutation(train_examples)
-
-        def sample(i):
-            idx = order[(np.arange(batch) + i * batch) % train_examples]
-            return {k: v[idx] for k, v in train.items()}
-
-        for mixer in mixers:
-            for d in d_models:
-                preset, settings_of_mixer = mqar_mixer(mixer)
-                cfg = task_model_config(preset, vocab, d, num_layers=2, num_heads=2,
-                                        **{**settings_of_mixer, **model_overrides})
-                best = None
-                for lr in lrs:
-                    result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=seed,
-                                           stop_accuracy=0.99, eval_every=max(steps // 5, 1))
-                    if best is None or result.accuracy["test"] > best[1].accuracy["test"]:
-                        best = (lr, result)
-                lr, result = best
-                row = {"mixer": mixer, "d_model": d, "seq_len": seq_len, "num_pairs": pairs, "learning_rate": lr,
-                       "state_size": decode_state_size(cfg, seq_len), "accuracy": result.accuracy["test"],
-                       "train_loss": result.train_loss, "steps": result.steps, "seconds": result.seconds,
-                       "num_params": result.num_params}
-                rows.append(row)
-                log(f"L={seq_len} D={pairs} {mixer:12s} d={d:4d} state={row['state_size']:7d} "
-                    f"acc={row['accuracy']:.3f} ({row['seconds']:.0f}s, lr {lr})")
+    for (seq_len, pairs, mixer, d), cfg in configs.items():
+        by_lr = {lr: [r.accuracy["test"] for r in results[(seq_len, pairs, mixer, d, lr)]] for lr in lrs}
+        lr = max(lrs, key=lambda x: np.mean(by_lr[x]))
+        runs = results[(seq_len, pairs, mixer, d, lr)]
+        accs = by_lr[lr]
+        rows.append({"mixer": mixer, "d_model": d, "seq_len": seq_len, "num_pairs": pairs, "learning_rate": lr,
+                     "state_size": decode_state_size(cfg, seq_len), "accuracy": float(np.mean(accs)),
+                     "accuracy_std": float(np.std(accs)), "accuracies": [float(a) for a in accs], "seeds": seeds,
+                     "by_lr": {str(x): float(np.mean(v)) for x, v in by_lr.items()},
+                     "train_loss": float(np.mean([r.train_loss for r in runs])),
+                     "steps": int(np.mean([r.steps for r in runs])),
+                     "seconds": float(sum(r.seconds for x in lrs for r in results[(seq_len, pairs, mixer, d, x)])),
+                     "num_params": runs[0].num_params})
+        log(f"L={seq_len} D={pairs} {mixer:12s} d={d:4d} state={rows[-1]['state_size']:7d} "
+            f"acc={rows[-1]['accuracy']:.3f} ± {rows[-1]['accuracy_std']:.3f} (lr {lr}, {len(seeds)} seed(s))")
     return rows
+
+
+def mqar_markdown(rows) -> str:
+    """The table of :func:`mqar_sweep`'s rows: mean ± standard deviation over the seeds."""
+    lines = ["| L | mixer | d_model | state (floats) | best lr | accuracy (mean ± std) | per seed |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["mixer"], r["d_model"])):
+        per_seed = ", ".join(f"{a:.3f}" for a in r.get("accuracies", [r["accuracy"]]))
+        lines.append(f"| {r['seq_len']} | {r['mixer']} | {r['d_model']} | {r['state_size']:,} | {r['learning_rate']:g} "
+                     f"| {r['accuracy']:.3f} ± {r.get('accuracy_std', 0.0):.3f} | {per_seed} |")
+    return "\n".join(lines) + "\n"
 
 
 # mixer name -> (preset, extra model overrides)
