@@ -56,26 +56,33 @@ def test_gdn_with_more_value_heads_than_key_heads():
     assert count_params(layer) == expected
 
 
-def assert_chunk_equals_prefill_then_steps(layer, cfg, name):
-    B, T, P = 2, 11, 5
-    x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model), jnp.float32)
-    full = jit_method(layer, "__call__")(x)
+def prefill_then_steps(layer, x, P, max_len):
+    """``(outputs [B, T, ...], final cache)``: ``layer.prefill`` on the first ``P`` positions of
+    ``x``, then one ``layer.step`` per remaining position, jitted."""
+    B, T, _ = x.shape
     graphdef, state = nnx.split(layer)
 
     @jax.jit
-    def incremental(state, x):
+    def run(state, x):
         layer = nnx.merge(graphdef, state)
-        y0, cache = layer.prefill(x[:, :P], max_len=T)
+        y0, cache = layer.prefill(x[:, :P], max_len=max_len)
 
         def body(cache, i):
             xt = jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1)
             y, cache = layer.step(xt, cache, positions=jnp.full((B, 1), i), index=i)
             return cache, y[:, 0]
 
-        _, ys = jax.lax.scan(body, cache, jnp.arange(P, T))
-        return jnp.concatenate([y0, jnp.moveaxis(ys, 0, 1)], axis=1)
+        cache, ys = jax.lax.scan(body, cache, jnp.arange(P, T))
+        return jnp.concatenate([y0, jnp.moveaxis(ys, 0, 1)], axis=1), cache
 
-    inc = incremental(state, x)
+    return run(state, x)
+
+
+def assert_chunk_equals_prefill_then_steps(layer, cfg, name):
+    B, T, P = 2, 11, 5
+    x = jax.random.normal(jax.random.key(1), (B, T, cfg.d_model), jnp.float32)
+    full = jit_method(layer, "__call__")(x)
+    inc, _ = prefill_then_steps(layer, x, P, max_len=T)
     assert full.shape == (B, T, cfg.d_model) and np.all(np.isfinite(full))
     assert rel_rms_error(full, inc) < 1e-4, name
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_models import prefill_then_steps
 
 from lolax.models import LanguageModel, ModelConfig, generate
 from lolax.models.mixers import MIXERS, SoftmaxAttention
@@ -164,32 +165,12 @@ def test_padding_is_never_attended(kind):
     assert np.all(np.isfinite(grad))
 
 
-def _prefill_then_steps(layer, x, P, max_len):
-    B, T, _ = x.shape
-    graphdef, state = nnx.split(layer)
-
-    @jax.jit
-    def run(state, x):
-        layer = nnx.merge(graphdef, state)
-        y0, cache = layer.prefill(x[:, :P], max_len=max_len)
-
-        def body(cache, i):
-            xt = jax.lax.dynamic_slice_in_dim(x, i, 1, axis=1)
-            y, cache = layer.step(xt, cache, positions=jnp.full((B, 1), i), index=i)
-            return cache, y[:, 0]
-
-        cache, ys = jax.lax.scan(body, cache, jnp.arange(P, T))
-        return jnp.concatenate([y0, jnp.moveaxis(ys, 0, 1)], axis=1), cache
-
-    return run(state, x)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefill_then_steps_equal_the_full_form_with_a_window_sized_cache(kind):
     layer = make_layer(kind)
     x = jax.random.normal(jax.random.key(5), (2, 37, 32))
     full = jitted(layer)(x)
-    inc, cache = _prefill_then_steps(layer, x, 13, max_len=37)            # evictions in prefill and steps
+    inc, cache = prefill_then_steps(layer, x, 13, max_len=37)            # evictions in prefill and steps
     assert rel_rms_error(full, inc) < 1e-5
     shapes = lambda max_len, P=13: jax.tree.map(jnp.shape, jax.eval_shape(
         lambda x: layer.prefill(x, max_len=max_len)[1], x[:, :P]))
@@ -207,7 +188,7 @@ def test_a_cache_shorter_than_the_window():
     for kind in KINDS:
         layer = make_layer(kind, window=16)
         x = jax.random.normal(jax.random.key(6), (1, 12, 32))
-        inc, cache = _prefill_then_steps(layer, x, 5, max_len=12)
+        inc, cache = prefill_then_steps(layer, x, 5, max_len=12)
         assert cache["k"].shape[1] == 12
         assert rel_rms_error(jitted(layer)(x), inc) < 1e-5, kind
 
@@ -224,7 +205,7 @@ def test_liger_with_strong_gates():
     full = jitted(layer)(x)
     assert np.all(np.isfinite(full))
     assert rel_rms_error(liger_reference(layer, x), full) < 1e-5
-    inc, _ = _prefill_then_steps(layer, x, 13, max_len=37)
+    inc, _ = prefill_then_steps(layer, x, 13, max_len=37)
     assert rel_rms_error(full, inc) < 1e-5
 
 
