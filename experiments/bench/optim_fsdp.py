@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from experiments.bench import write_outputs  # noqa: E402
 from lolax import optim  # noqa: E402
 from lolax.optim.accounting import LLAMA_CONFIGS  # noqa: E402
 from lolax.parallelism import hlo  # noqa: E402
@@ -159,14 +160,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/bench", help="folder for optim_fsdp.{json,md,png}")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    res = run()
-    with open(os.path.join(args.out, "optim_fsdp.json"), "w") as f:
-        json.dump(res, f, indent=1)
-    with open(os.path.join(args.out, "optim_fsdp.md"), "w") as f:
-        f.write(markdown(res))
-    plot(res, os.path.join(args.out, "optim_fsdp.png"))
-    print(markdown(res))
+    print(write_outputs(args.out, "optim_fsdp", run(), markdown, plot))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ import subprocess
 import sys
 import time
 
+from experiments.bench import write_outputs
+
 SETUPS = {"default": {}, "one core": {"pin": True}, "OPENBLAS_NUM_THREADS=1": {"env": {"OPENBLAS_NUM_THREADS": "1"}}}
 
 _CHILD = r"""
@@ -124,14 +126,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--hogs", type=int, default=2, help="matrix-multiplying processes beside it in 'busy'")
     args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    r = run(args.reps, args.rounds, args.hogs)
-    with open(os.path.join(args.out, "svd_contention.json"), "w") as f:
-        json.dump(r, f, indent=1)
-    with open(os.path.join(args.out, "svd_contention.md"), "w") as f:
-        f.write(markdown(r))
-    plot(r, os.path.join(args.out, "svd_contention.png"))
-    print(markdown(r))
+    print(write_outputs(args.out, "svd_contention", run(args.reps, args.rounds, args.hogs), markdown, plot))
 
 
 if __name__ == "__main__":
