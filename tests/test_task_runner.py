@@ -70,6 +70,74 @@ def test_sweep_functions_return_one_row_per_run():
     assert [r["length"] for r in rows] == [8, 12] and all(-1 <= r["normalized"] <= 1 for r in rows)
 
 
+def _counting_runs(monkeypatch):
+    """Replaces the trainer with a stub that records (lr, seed) and scores lr 1e-2 best."""
+    from experiments.tasks import sweeps
+    from experiments.tasks.runner import TaskResult
+
+    calls = []
+
+    def fake_train(cfg, sample, evals, *, steps, learning_rate, seed, **kwargs):
+        calls.append((learning_rate, seed))
+        acc = {1e-3: 0.1, 1e-2: 0.5}[learning_rate] + 0.01 * seed
+        return TaskResult(train_loss=1.0, steps=steps, seconds=0.0, accuracy={"test": acc}, num_params=1)
+
+    monkeypatch.setattr(sweeps, "train_on_task", fake_train)
+    return calls
+
+
+def test_mqar_first_seed_selection_sweeps_rates_on_the_first_seed_only(monkeypatch):
+    calls = _counting_runs(monkeypatch)
+    partial = []
+    rows = mqar_sweep(["linear_attn"], [16, 32], 64, [(16, 2)], steps=2, batch=4, lrs=[1e-3, 1e-2],
+                      train_examples=16, test_examples=8, seed=0, log=lambda s: None, seeds=[0, 1, 2],
+                      lr_selection="first_seed", on_row=lambda r: partial.append(len(r)))
+    # per width: both rates on seed 0, then the better rate (1e-2) on seeds 1 and 2
+    assert calls == [(1e-3, 0), (1e-2, 0), (1e-2, 1), (1e-2, 2)] * 2
+    assert partial == [1, 2]                                   # called as each row completes
+    row = rows[0]
+    assert row["learning_rate"] == 1e-2 and row["lr_selection"] == "first_seed"
+    assert row["accuracies"] == pytest.approx([0.50, 0.51, 0.52])
+    assert row["by_lr"] == {"0.001": pytest.approx(0.1), "0.01": pytest.approx(0.5)}
+    with pytest.raises(ValueError, match="lr_selection"):
+        mqar_sweep(["linear_attn"], [16], 64, [(16, 2)], steps=2, batch=4, lrs=[1e-3], train_examples=16,
+                   test_examples=8, seed=0, lr_selection="best")
+
+
+def test_mqar_fixed_rates_skip_the_sweep_for_the_pairs_they_name(monkeypatch):
+    calls = _counting_runs(monkeypatch)
+    rows = mqar_sweep(["linear_attn"], [16, 32], 64, [(16, 2)], steps=2, batch=4, lrs=[1e-3, 1e-2],
+                      train_examples=16, test_examples=8, seed=0, log=lambda s: None, seeds=[0, 1],
+                      fixed_lrs={("linear_attn", 16): 1e-3})
+    assert calls[:2] == [(1e-3, 0), (1e-3, 1)]                 # width 16: the given rate on every seed
+    assert calls[2:] == [(1e-3, 0), (1e-2, 0), (1e-3, 1), (1e-2, 1)]   # width 32: the full sweep
+    assert [r["lr_selection"] for r in rows] == ["fixed", "all_seeds"]
+    assert [r["learning_rate"] for r in rows] == [1e-3, 1e-2]
+
+
+def test_mqar_merge_combines_runs_and_later_rows_win(tmp_path):
+    from experiments.mqar import merge
+
+    def row(mixer, seq_len, acc):
+        return {"mixer": mixer, "d_model": 16, "seq_len": seq_len, "num_pairs": 2, "learning_rate": 1e-3,
+                "state_size": 256, "accuracy": acc, "accuracy_std": 0.0, "accuracies": [acc]}
+
+    for name, rows in {"a": [row("gla", 16, 0.2), row("gla", 32, 0.3)], "b": [row("gla", 32, 0.9)]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "mqar.json").write_text(json.dumps({"vocab_size": 64, "command": name, "rows": rows}))
+    merge([str(tmp_path / "a"), str(tmp_path / "b")], str(tmp_path / "out"))
+    record = json.loads((tmp_path / "out" / "mqar.json").read_text())
+    assert sorted((r["seq_len"], r["accuracy"]) for r in record["rows"]) == [(16, 0.2), (32, 0.9)]
+    assert set(record["merged_from"]) == {str(tmp_path / "a"), str(tmp_path / "b")}
+    assert (tmp_path / "out" / "mqar_L16.png").stat().st_size > 0 and (tmp_path / "out" / "mqar_L32.png").exists()
+    assert "| 32 | gla | 16 | 256 | 0.001 | 0.900 ± 0.000 | 0.900 |" in (tmp_path / "out" / "mqar.md").read_text()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "mqar.json").write_text(json.dumps({"vocab_size": 128, "rows": []}))
+    with pytest.raises(ValueError, match="one vocabulary"):
+        merge([str(tmp_path / "a"), str(tmp_path / "c")], str(tmp_path / "out"))
+
+
+
 SCRIPT_RUNS = {
     "mqar": (["--mixers=linear_attn,based", "--d_models=16", "--vocab_size=32", "--seq_len=16", "--num_pairs=2",
               "--train_examples=16", "--test_examples=8", "--steps=2", "--batch_size=4", "--conv_size=3",

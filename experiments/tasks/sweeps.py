@@ -16,7 +16,11 @@ MQAR_MIXER_SPECS = {
     "gdn": ("gdn", {"gdn_use_gate": True, "gdn_gate_activation": "swish"}),     # the GDN paper's layer
     "gdn_no_gate": ("gdn", {"gdn_use_gate": False}),
     "gdn_sigmoid_gate": ("gdn", {"gdn_gate_activation": "sigmoid"}),          # Kimi's KDA gate
+    "deltanet_no_conv": ("deltanet", {"conv_size": 0}),                       # the recurrence alone
+    "gdn_no_conv": ("gdn", {"conv_size": 0}),
 }
+
+LR_SELECTIONS = ("all_seeds", "first_seed")
 
 
 def mqar_mixer(name: str) -> tuple[str, dict]:
@@ -25,21 +29,35 @@ def mqar_mixer(name: str) -> tuple[str, dict]:
 
 
 def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examples, test_examples, seed, log=print,
-               seeds=None, **model_overrides):
+               seeds=None, lr_selection="all_seeds", fixed_lrs=None, on_row=None, **model_overrides):
     """Trains every (mixer, width) on every (L, D) setting; returns a list of result rows.
 
     Each mixer name is a preset or a key of ``MQAR_MIXER_SPECS`` (a preset with its paper's
     settings, or a variant); ``model_overrides`` (for example ``window=16``) then replace those
-    values in every model.  Every learning rate of ``lrs`` runs once per seed of ``seeds``
-    (default ``[seed]``; a seed draws the data, its order and the initialisation); a row keeps
-    the rate with the best mean test accuracy over the seeds and reports that mean, its standard
-    deviation and each seed's accuracy (``accuracies``), plus every rate's mean (``by_lr``).
+    values in every model. A seed draws the data, its order and the initialisation; ``seeds``
+    defaults to ``[seed]``. The learning rate is chosen per (setting, mixer, width):
+
+    - ``lr_selection="all_seeds"``: every rate of ``lrs`` runs once per seed and the rate with
+      the best mean test accuracy is kept;
+    - ``"first_seed"``: every rate runs on the first seed, the best one is kept and only it runs
+      on the other seeds (``len(lrs) + len(seeds) - 1`` runs instead of ``len(lrs) * len(seeds)``;
+      the reported mean then includes the seed the rate was picked on);
+    - ``fixed_lrs`` (``{(mixer, d_model): lr}``) skips the sweep for the pairs it names and runs
+      that rate on every seed (to reuse rates chosen at another length).
+
+    A row reports the kept rate, the mean and standard deviation of its test accuracy over the
+    seeds, each seed's accuracy (``accuracies``) and every swept rate's mean (``by_lr``).
+    Rows are complete one at a time; ``on_row(rows)`` is called after each, so a caller can save
+    partial results of a long sweep.
     """
+    if lr_selection not in LR_SELECTIONS:
+        raise ValueError(f"lr_selection must be one of {LR_SELECTIONS}, got {lr_selection!r}")
     seeds = [seed] if seeds is None else list(seeds)
-    results = {}            # (seq_len, mixer, d, lr) -> per-seed results
-    configs = {}
-    for s in seeds:
-        for seq_len, pairs in settings:
+    fixed_lrs = dict(fixed_lrs or {})
+    data = {}
+
+    def task_data(s, seq_len, pairs):
+        if (s, seq_len, pairs) not in data:
             train = generate_mqar(train_examples, vocab, seq_len, pairs, seed=s)
             test = generate_mqar(test_examples, vocab, seq_len, pairs, seed=s + 10_000)
             order = np.random.default_rng(s).permutation(train_examples)
@@ -48,34 +66,55 @@ def mqar_sweep(mixers, d_models, vocab, settings, steps, batch, lrs, train_examp
                 idx = order[(np.arange(batch) + i * batch) % train_examples]
                 return {k: v[idx] for k, v in train.items()}
 
-            for mixer in mixers:
-                for d in d_models:
-                    preset, settings_of_mixer = mqar_mixer(mixer)
-                    cfg = task_model_config(preset, vocab, d, num_layers=2, num_heads=2,
-                                            **{**settings_of_mixer, **model_overrides})
-                    configs[(seq_len, pairs, mixer, d)] = cfg
-                    for lr in lrs:
-                        result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=s,
-                                               stop_accuracy=0.99, eval_every=max(steps // 5, 1))
-                        results.setdefault((seq_len, pairs, mixer, d, lr), []).append(result)
-                        log(f"seed {s} L={seq_len} D={pairs} {mixer:12s} d={d:4d} lr {lr:g} "
-                            f"acc={result.accuracy['test']:.3f} ({result.seconds:.0f}s)")
+            data[(s, seq_len, pairs)] = sample, test
+        return data[(s, seq_len, pairs)]
+
     rows = []
-    for (seq_len, pairs, mixer, d), cfg in configs.items():
-        by_lr = {lr: [r.accuracy["test"] for r in results[(seq_len, pairs, mixer, d, lr)]] for lr in lrs}
-        lr = max(lrs, key=lambda x: np.mean(by_lr[x]))
-        runs = results[(seq_len, pairs, mixer, d, lr)]
-        accs = by_lr[lr]
-        rows.append({"mixer": mixer, "d_model": d, "seq_len": seq_len, "num_pairs": pairs, "learning_rate": lr,
-                     "state_size": decode_state_size(cfg, seq_len), "accuracy": float(np.mean(accs)),
-                     "accuracy_std": float(np.std(accs)), "accuracies": [float(a) for a in accs], "seeds": seeds,
-                     "by_lr": {str(x): float(np.mean(v)) for x, v in by_lr.items()},
-                     "train_loss": float(np.mean([r.train_loss for r in runs])),
-                     "steps": int(np.mean([r.steps for r in runs])),
-                     "seconds": float(sum(r.seconds for x in lrs for r in results[(seq_len, pairs, mixer, d, x)])),
-                     "num_params": runs[0].num_params})
-        log(f"L={seq_len} D={pairs} {mixer:12s} d={d:4d} state={rows[-1]['state_size']:7d} "
-            f"acc={rows[-1]['accuracy']:.3f} ± {rows[-1]['accuracy_std']:.3f} (lr {lr}, {len(seeds)} seed(s))")
+    for seq_len, pairs in settings:
+        for mixer in mixers:
+            for d in d_models:
+                preset, settings_of_mixer = mqar_mixer(mixer)
+                cfg = task_model_config(preset, vocab, d, num_layers=2, num_heads=2,
+                                        **{**settings_of_mixer, **model_overrides})
+                results = {}          # lr -> per-seed results
+
+                def run(lr, s, cfg=cfg, seq_len=seq_len, pairs=pairs, mixer=mixer, d=d, results=results):
+                    sample, test = task_data(s, seq_len, pairs)
+                    result = train_on_task(cfg, sample, {"test": test}, steps=steps, learning_rate=lr, seed=s,
+                                           stop_accuracy=0.99, eval_every=max(steps // 5, 1))
+                    results.setdefault(lr, []).append(result)
+                    log(f"seed {s} L={seq_len} D={pairs} {mixer:12s} d={d:4d} lr {lr:g} "
+                        f"acc={result.accuracy['test']:.3f} ({result.seconds:.0f}s)")
+
+                if (mixer, d) in fixed_lrs:
+                    swept, sweep_seeds = [fixed_lrs[(mixer, d)]], seeds
+                else:
+                    swept = list(lrs)
+                    sweep_seeds = seeds if lr_selection == "all_seeds" else seeds[:1]
+                for s in sweep_seeds:
+                    for lr in swept:
+                        run(lr, s)
+                by_lr = {lr: [r.accuracy["test"] for r in results[lr]] for lr in swept}
+                lr = max(swept, key=lambda x: np.mean(by_lr[x]))
+                for s in seeds[len(sweep_seeds):]:
+                    run(lr, s)
+                runs = results[lr]
+                accs = [r.accuracy["test"] for r in runs]
+                rows.append({"mixer": mixer, "d_model": d, "seq_len": seq_len, "num_pairs": pairs,
+                             "learning_rate": lr, "state_size": decode_state_size(cfg, seq_len),
+                             "accuracy": float(np.mean(accs)), "accuracy_std": float(np.std(accs)),
+                             "accuracies": [float(a) for a in accs], "seeds": seeds,
+                             "lr_selection": "fixed" if (mixer, d) in fixed_lrs else lr_selection,
+                             "by_lr": {str(x): float(np.mean(v)) for x, v in by_lr.items()},
+                             "train_loss": float(np.mean([r.train_loss for r in runs])),
+                             "steps": int(np.mean([r.steps for r in runs])),
+                             "seconds": float(sum(r.seconds for v in results.values() for r in v)),
+                             "num_params": runs[0].num_params})
+                log(f"L={seq_len} D={pairs} {mixer:12s} d={d:4d} state={rows[-1]['state_size']:7d} "
+                    f"acc={rows[-1]['accuracy']:.3f} ± {rows[-1]['accuracy_std']:.3f} (lr {lr:g}, "
+                    f"{len(seeds)} seed(s))")
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
