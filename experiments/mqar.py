@@ -31,8 +31,8 @@ from experiments.tasks.sweeps import LR_SELECTIONS, mqar_markdown, mqar_sweep
 
 MIXERS = flags.DEFINE_list("mixers", ["linear_attn", "based", "retnet", "gla", "deltanet", "gdn", "transformer"],
                            "Model presets (experiments/configs/presets.py) to compare, or the variants of "
-                           "experiments.tasks.sweeps.MQAR_MIXER_SPECS (gdn_no_gate, gdn_sigmoid_gate, deltanet_no_conv, "
-                           "gdn_no_conv).")
+                           "experiments.tasks.sweeps.MQAR_MIXER_SPECS (gdn_no_gate, gdn_sigmoid_gate, "
+                           "deltanet_no_conv, gdn_no_conv).")
 D_MODELS = flags.DEFINE_list("d_models", ["32", "64", "128"], "Model widths (state size grows with them).")
 VOCAB = flags.DEFINE_integer("vocab_size", 256, "MQAR vocabulary (keys below V/2, values above).")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Input length.")
@@ -41,7 +41,8 @@ LR_SELECTION = flags.DEFINE_enum("lr_selection", "all_seeds", LR_SELECTIONS,
                                  "all_seeds: every rate on every seed, best mean kept; first_seed: every rate on "
                                  "the first seed, only the best one on the others.")
 LR_FROM = flags.DEFINE_string("lr_from", None, "An mqar.json whose kept learning rate per (mixer, d_model) is "
-                              "reused on every seed instead of sweeping (pairs it lacks are swept).")
+                              "reused on every seed instead of sweeping (pairs it lacks are swept; with several "
+                              "lengths in it, the last row of a pair wins).")
 MERGE = flags.DEFINE_list("merge", None, "Folders (or mqar.json files) of earlier runs: write one mqar.json, "
                           "mqar.md and plot per length into --out from their rows, training nothing.")
 TRAIN_EXAMPLES = flags.DEFINE_integer("train_examples", 20_000, "Training examples.")
@@ -83,7 +84,8 @@ def write_outputs(out: str, rows: list[dict], payload: dict, title_suffix: str =
 
 
 def _load_rows(path: str) -> dict:
-    return json.load(open(os.path.join(path, "mqar.json") if os.path.isdir(path) else path))
+    with open(os.path.join(path, "mqar.json") if os.path.isdir(path) else path) as f:
+        return json.load(f)
 
 
 def merge(paths: list[str], out: str) -> None:
