@@ -32,7 +32,7 @@ from experiments.tasks.sweeps import LR_SELECTIONS, mqar_markdown, mqar_sweep
 MIXERS = flags.DEFINE_list("mixers", ["linear_attn", "based", "retnet", "gla", "deltanet", "gdn", "transformer"],
                            "Model presets (experiments/configs/presets.py) to compare, or the variants of "
                            "experiments.tasks.sweeps.MQAR_MIXER_SPECS (gdn_no_gate, gdn_sigmoid_gate, "
-                           "deltanet_no_conv, gdn_no_conv).")
+                           "deltanet_no_conv, gdn_no_conv, gdn_no_gate_no_conv).")
 D_MODELS = flags.DEFINE_list("d_models", ["32", "64", "128"], "Model widths (state size grows with them).")
 VOCAB = flags.DEFINE_integer("vocab_size", 256, "MQAR vocabulary (keys below V/2, values above).")
 SEQ_LEN = flags.DEFINE_integer("seq_len", 64, "Input length.")

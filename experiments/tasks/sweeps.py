@@ -18,6 +18,7 @@ MQAR_MIXER_SPECS = {
     "gdn_sigmoid_gate": ("gdn", {"gdn_gate_activation": "sigmoid"}),          # Kimi's KDA gate
     "deltanet_no_conv": ("deltanet", {"conv_size": 0}),                       # the recurrence alone
     "gdn_no_conv": ("gdn", {"conv_size": 0}),
+    "gdn_no_gate_no_conv": ("gdn", {"gdn_use_gate": False, "conv_size": 0}),
 }
 
 LR_SELECTIONS = ("all_seeds", "first_seed")
