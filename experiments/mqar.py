@@ -74,13 +74,14 @@ def write_outputs(out: str, rows: list[dict], payload: dict, title_suffix: str =
     for seq_len, pairs in lengths:
         series = {}
         for mixer in dict.fromkeys(r["mixer"] for r in rows):
-            pts = sorted((r["state_size"], r["accuracy"]) for r in rows
+            pts = sorted((r["state_size"], r["accuracy"], r.get("accuracy_std", 0.0)) for r in rows
                          if r["mixer"] == mixer and r["seq_len"] == seq_len)
             if pts:
-                series[mixer] = ([p[0] for p in pts], [p[1] for p in pts])
+                series[mixer] = tuple(list(column) for column in zip(*pts))
         suffix = "" if len(lengths) == 1 else f"_L{seq_len}"
         line_plot(f"{out}/mqar{suffix}.png", series, "decode state size (floats per sequence)",
-                  "MQAR accuracy", f"MQAR V={payload['vocab_size']} L={seq_len} D={pairs}{title_suffix}", logx=True)
+                  "MQAR accuracy (mean ± std over seeds)",
+                  f"MQAR V={payload['vocab_size']} L={seq_len} D={pairs}{title_suffix}", logx=True)
 
 
 def _load_rows(path: str) -> dict:

@@ -32,9 +32,13 @@ def write_results(out_dir: str, name: str, module: str, payload: dict) -> str:
 
 def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str,
               logx: bool = False) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=label)
+    """One line per series; a series ``(xs, ys, errs)`` also draws ``±errs`` bars."""
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, (label, values) in enumerate(series.items()):
+        xs, ys, errs = (*values, None)[:3]
+        # the colour cycle has ten entries: later series change marker and dash so none look alike
+        style = {"marker": "os^D"[i // 10 % 4], "linestyle": ["-", "--", ":", "-."][i // 10 % 4]}
+        ax.errorbar(xs, ys, yerr=errs, capsize=3 if errs is not None else 0, label=label, **style)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
@@ -42,7 +46,7 @@ def line_plot(path: str, series: dict[str, tuple[list, list]], xlabel: str, ylab
     ax.set_title(title)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
